@@ -1,0 +1,1 @@
+"""kubelora command line."""

@@ -1,0 +1,1 @@
+"""Local development environment: a real control plane (kwokctl, binary runtime) and MinIO."""
