@@ -1,269 +1,768 @@
 """The kubelora.dev/v1alpha1 API: LoRAJob and AdapterDeployment.
 
 These pydantic models are the one definition of the API. ``make crds`` generates
-``crds/*.yaml`` from them; the operator and the trainer read specs through them.
-Field names are camelCase on the wire (aliases) and snake_case in Python.
+``crds/*.yaml`` (and ``docs/api-reference.md``) from them; the operator and the trainer read specs
+through them. Field names are camelCase on the wire (aliases) and snake_case in Python.
+
+Validation rules live next to the fields they guard (``cel_rules`` and ``immutable(...)``). Each rule
+is both a CEL expression the API server evaluates and a Python check, so :func:`validate_lorajob`,
+:func:`validate_adapterdeployment` and :func:`validate_lorajob_update` reject what ``kubectl apply``
+rejects, with the same message.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    WithJsonSchema,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from kubelora.api.cel import IMMUTABLE_KEY, VALIDATIONS_KEY, Rule, immutable
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "VERSION",
+    "AdapterArtifact",
+    "AdapterDeployment",
+    "AdapterDeploymentPhase",
+    "AdapterDeploymentSpec",
+    "AdapterDeploymentStatus",
+    "AdapterSource",
+    "BaseModelSource",
+    "Condition",
+    "DatasetFormat",
+    "DatasetSource",
+    "EvalResults",
+    "EvalSpec",
+    "Gate",
+    "GatePolicy",
+    "GateVerdict",
+    "InvalidObjectError",
+    "LoRAConfig",
+    "LoRAJob",
+    "LoRAJobPhase",
+    "LoRAJobSpec",
+    "LoRAJobStatus",
+    "ManagedServer",
+    "Method",
+    "Metric",
+    "Model",
+    "ObjectMeta",
+    "OutputTarget",
+    "RegressionCheck",
+    "ReplicaState",
+    "Resources",
+    "RolloutStrategy",
+    "SecretRef",
+    "ServingTarget",
+    "StorageUri",
+    "Toleration",
+    "TrainingConfig",
+    "TrainingProgress",
+    "dump",
+    "immutable_fields",
+    "short_digest",
+    "validate_adapterdeployment",
+    "validate_lorajob",
+    "validate_lorajob_update",
+]
 
 GROUP = "kubelora.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+API_VERSION: Literal["kubelora.dev/v1alpha1"] = "kubelora.dev/v1alpha1"
 
 Metric = Literal["exact_match", "f1", "accuracy", "json_valid", "json_match", "loss", "perplexity"]
+#: Metrics every evaluation computes, whether or not ``eval.metrics`` lists them.
+ALWAYS_COMPUTED_METRICS: tuple[Metric, ...] = ("loss", "perplexity")
 Method = Literal["lora", "qlora", "dora"]
 DatasetFormat = Literal["chat", "instruction", "completion"]
 LoRAJobPhase = Literal["Pending", "Queued", "Training", "Evaluating", "Succeeded", "Failed"]
-AdapterDeploymentPhase = Literal["Pending", "Refused", "Loading", "Canary", "Promoting", "Ready", "RolledBack", "Failed"]
+AdapterDeploymentPhase = Literal[
+    "Pending", "Refused", "Loading", "Canary", "Promoting", "Ready", "RolledBack", "Failed"
+]
+
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 
 StorageUri = Annotated[str, Field(pattern=r"^(s3|pvc|hf|file)://.+", max_length=2048)]
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)]
+Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$", max_length=71)]
+
+
+def _quantity_to_str(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+#: A Kubernetes resource quantity ("8", "500m", "64Gi"). YAML may give a number; Python always sees a string.
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=_QUANTITY, max_length=64),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": _QUANTITY,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+_T = TypeVar("_T")
+
+
+def _unique(values: list[_T]) -> list[_T]:
+    seen: list[_T] = []
+    for value in values:
+        if value in seen:
+            raise PydanticCustomError("duplicate", "Duplicate value: {value}", {"value": repr(value)})
+        seen.append(value)
+    return values
+
+
+_SET = {"x-kubernetes-list-type": "set"}
+
+
+def _model_schema_extra(schema: dict[str, Any], cls: type[Any]) -> None:
+    rules: tuple[Rule, ...] = cls.__dict__.get("cel_rules", ())
+    if rules:
+        schema[VALIDATIONS_KEY] = [rule.to_openapi() for rule in rules]
 
 
 class Model(BaseModel):
     """Base for API objects: camelCase on the wire, unknown fields rejected."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        json_schema_extra=_model_schema_extra,
+    )
+
+    #: Rules on this object (``self`` in CEL is an instance of the class). Emitted as x-kubernetes-validations.
+    cel_rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cel_rules(self) -> Self:
+        broken = [rule.message for rule in type(self).cel_rules if not rule.transition and not rule.check(self)]
+        if broken:
+            raise PydanticCustomError("kubelora_rule", "{message}", {"message": "; ".join(broken)})
+        return self
+
+
+def _with_derived(model: BaseModel, data: dict[str, Any], info: SerializationInfo, **values: Any) -> dict[str, Any]:
+    """Set derived fields (shown in printer columns) on serialisation, so they never go stale."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        alias = type(model).model_fields[name].alias
+        data[alias if info.by_alias and alias else name] = value
+    return data
+
+
+def short_digest(digest: str | None) -> str | None:
+    """The first 12 hex digits of a ``sha256:<hex>`` digest, as shown by ``kubectl get``."""
+    if not digest:
+        return None
+    return digest.split(":", 1)[-1][:12]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRAJob spec
 
 
 class SecretRef(Model):
-    name: Annotated[str, Field(min_length=1, max_length=253, description="A Secret in the object's own namespace")]
+    """A reference to a Secret in the object's own namespace."""
+
+    name: ObjectName = Field(description="Name of a Secret in the object's own namespace")
 
 
 class BaseModelSource(Model):
-    uri: StorageUri = Field(description="s3://bucket/prefix/, pvc://claim/path or hf://org/name")
-    revision: str | None = Field(default=None, description="Revision for hf:// models")
+    """The pretrained model the adapter is trained on."""
+
+    uri: StorageUri = Field(
+        description="Where the base model is read from: s3://bucket/prefix/, pvc://claim/path or hf://org/name"
+    )
+    revision: Annotated[str, Field(min_length=1, max_length=255)] | None = Field(
+        default=None, description="Branch, tag or commit for hf:// models"
+    )
     secret_ref: SecretRef | None = Field(default=None, description="S3 credentials: keys accessKey and secretKey")
     trust_remote_code: bool = Field(default=False, description="Allow the model's own Python code to run")
 
 
 class DatasetSource(Model):
-    train: StorageUri
-    validation: StorageUri | None = None
-    validation_split: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
-    format: DatasetFormat = "chat"
-    secret_ref: SecretRef | None = None
+    """Training and validation data."""
+
+    train: StorageUri = Field(description="Training rows (JSON Lines)")
+    validation: StorageUri | None = Field(
+        default=None, description="Validation rows; when unset, validationSplit of the training rows is held out"
+    )
+    validation_split: Annotated[float, Field(gt=0, lt=0.5)] = Field(
+        default=0.05, description="Fraction of the training rows held out for validation when validation is unset"
+    )
+    format: DatasetFormat = Field(default="chat", description="Row layout: chat, instruction or completion")
+    secret_ref: SecretRef | None = Field(default=None, description="S3 credentials: keys accessKey and secretKey")
     max_bad_rows: Annotated[int, Field(ge=0)] = Field(default=0, description="Malformed rows to skip before failing")
 
 
 class LoRAConfig(Model):
-    rank: Annotated[int, Field(ge=1, le=512)] = 16
-    alpha: Annotated[float, Field(gt=0)] = 32.0
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], description="Module names, or all-linear")
-    rs_lora: bool = Field(default=False, alias="rsLoRA")
+    """Adapter shape."""
+
+    cel_rules = (
+        Rule(
+            cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+            message="spec.lora.targetModules: all-linear cannot be combined with module names",
+            check=lambda c: "all-linear" not in c.target_modules or len(c.target_modules) == 1,
+            field_path=".targetModules",
+        ),
+    )
+
+    rank: Annotated[int, Field(ge=1, le=512)] = Field(default=16, description="Rank r of the update matrices")
+    alpha: Annotated[float, Field(gt=0)] = Field(
+        default=32.0, description="Scaling numerator: updates are scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA)"
+    )
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.05, description="Dropout on the adapter input")
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]],
+        AfterValidator(_unique),
+        Field(min_length=1, max_length=64, json_schema_extra=_SET),
+    ] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="Module names to adapt (e.g. q_proj, v_proj), or all-linear for all linear layers but the head",
+    )
+    rs_lora: bool = Field(default=False, alias="rsLoRA", description="Rank-stabilised scaling (alpha/sqrt(rank))")
 
 
 class TrainingConfig(Model):
-    epochs: Annotated[float, Field(gt=0)] | None = None
-    max_steps: Annotated[int, Field(ge=1)] | None = None
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2.0e-4
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    gradient_accumulation: Annotated[int, Field(ge=1)] = 1
-    max_seq_length: Annotated[int, Field(ge=16)] = 2048
-    packing: bool = False
-    gradient_checkpointing: bool = True
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
-    seed: int = 42
-    checkpoint_every_steps: Annotated[int, Field(ge=1)] = 100
+    """Optimisation settings. When neither epochs nor maxSteps is set, the trainer runs one epoch."""
+
+    cel_rules = (
+        Rule(
+            cel="!(has(self.epochs) && has(self.maxSteps))",
+            message="spec.training: epochs and maxSteps are mutually exclusive",
+            check=lambda t: t.epochs is None or t.max_steps is None,
+        ),
+    )
+
+    epochs: Annotated[float, Field(gt=0, le=1000)] | None = Field(
+        default=None,
+        description="Passes over the training data; mutually exclusive with maxSteps. "
+        "When both epochs and maxSteps are unset, the trainer runs epochs=1",
+    )
+    max_steps: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Optimizer steps to run; mutually exclusive with epochs"
+    )
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = Field(default=2.0e-4, description="Peak learning rate")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(default=8, description="Rows per device per micro-batch")
+    gradient_accumulation: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=1, description="Micro-batches per optimizer step"
+    )
+    max_seq_length: Annotated[int, Field(ge=16, le=1048576)] = Field(
+        default=2048, description="Tokens per row; longer rows are truncated"
+    )
+    packing: bool = Field(default=False, description="Pack several short rows into one sequence")
+    gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory")
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.03, description="Fraction of the steps spent warming the learning rate up"
+    )
+    seed: Annotated[int, Field(ge=0)] = Field(default=42, description="Random seed for shuffling and initialisation")
+    checkpoint_every_steps: Annotated[int, Field(ge=1)] = Field(
+        default=100, description="Save a resumable checkpoint every this many steps"
+    )
 
 
 class Toleration(Model):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """A pod toleration for the training pod (as in core/v1 Toleration)."""
+
+    key: Annotated[str, Field(max_length=317)] | None = Field(default=None, description="Taint key; empty matches all")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Equal when unset")
+    value: Annotated[str, Field(max_length=63)] | None = Field(default=None, description="Taint value for Equal")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect; empty matches all"
+    )
+    toleration_seconds: int | None = Field(default=None, description="NoExecute: how long the pod stays bound")
 
 
 class Resources(Model):
-    gpus: Annotated[int, Field(ge=0, le=64)] = 1
-    gpu_type: str | None = Field(default=None, description="Value of the nvidia.com/gpu.product node label")
-    cpu: str | None = None
-    memory: str | None = None
-    tolerations: list[Toleration] = Field(default_factory=list)
-    priority_class_name: str | None = None
+    """What the training pod asks the scheduler for."""
+
+    gpus: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=1, description="nvidia.com/gpu for the training pod; qlora needs at least 1"
+    )
+    gpu_type: Annotated[str, Field(max_length=128)] | None = Field(
+        default=None, description="Value of the nvidia.com/gpu.product node label"
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request, e.g. 8 or 7500m")
+    memory: Quantity | None = Field(default=None, description="Memory request, e.g. 64Gi")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Training pod tolerations")
+    priority_class_name: Annotated[str, Field(max_length=253)] | None = Field(
+        default=None, description="PriorityClass of the training pod"
+    )
 
 
 class OutputTarget(Model):
-    uri: StorageUri
-    secret_ref: SecretRef | None = None
+    """Where the trained adapter is published."""
+
+    uri: StorageUri = Field(description="Destination prefix for the adapter files, e.g. s3://adapters/support/")
+    secret_ref: SecretRef | None = Field(default=None, description="S3 credentials: keys accessKey and secretKey")
     merged_model: bool = Field(default=False, description="Also publish the base with the adapter merged in")
-    delete_on_job_deletion: bool = Field(default=False, description="Remove the adapter files when the LoRAJob is deleted")
+    delete_on_job_deletion: bool = Field(
+        default=False, description="Remove the adapter files when the LoRAJob is deleted"
+    )
 
 
 class Gate(Model):
-    metric: Metric
-    min: float | None = None
-    max: float | None = None
-    min_improvement_over_base: float | None = None
+    """A pass/fail threshold on one metric. Set exactly one of min, max and minImprovementOverBase."""
+
+    cel_rules = (
+        Rule(
+            cel="[has(self.min), has(self.max), has(self.minImprovementOverBase)].exists_one(x, x)",
+            message="spec.eval.gates: each gate sets exactly one of min, max or minImprovementOverBase",
+            check=lambda g: sum(v is not None for v in (g.min, g.max, g.min_improvement_over_base)) == 1,
+        ),
+    )
+
+    metric: Metric = Field(description="Metric the gate reads; must be in eval.metrics unless it is loss or perplexity")
+    min: float | None = Field(default=None, description="Pass when the adapter's value is at least this")
+    max: float | None = Field(default=None, description="Pass when the adapter's value is at most this")
+    min_improvement_over_base: float | None = Field(
+        default=None,
+        description="Pass when the adapter beats the base model by at least this much "
+        "(absolute; for loss and perplexity a decrease is an improvement)",
+    )
 
 
 class RegressionCheck(Model):
-    dataset: StorageUri
-    max_loss_increase: Annotated[float, Field(ge=0)] = 0.05
+    """General-ability check: the adapter must not lose much on data it was not trained for."""
+
+    dataset: StorageUri = Field(description="Rows both the base model and the adapter are scored on")
+    max_loss_increase: Annotated[float, Field(ge=0)] = Field(
+        default=0.05, description="Largest allowed increase of the adapter's loss over the base model's"
+    )
 
 
 class EvalSpec(Model):
-    test_set: StorageUri
-    metrics: list[Metric] = Field(default_factory=lambda: ["exact_match"])
-    labels: list[str] | None = Field(default=None, description="Label set for the accuracy metric")
-    gates: list[Gate] = Field(default_factory=list)
-    regression: RegressionCheck | None = None
-    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
-    sample_predictions: Annotated[int, Field(ge=0, le=1000)] = 20
+    """Evaluation after training; failing gates mark the job Failed and block deployment."""
+
+    cel_rules = (
+        Rule(
+            cel="self.gates.all(g, g.metric in ['loss', 'perplexity'] || g.metric in self.metrics)",
+            message="spec.eval.gates: a gate's metric must be listed in spec.eval.metrics "
+            "(loss and perplexity are always available)",
+            check=lambda e: all(g.metric in ALWAYS_COMPUTED_METRICS or g.metric in e.metrics for g in e.gates),
+            field_path=".gates",
+        ),
+        Rule(
+            cel="!('accuracy' in self.metrics) || has(self.labels)",
+            message="spec.eval.labels: the accuracy metric needs labels",
+            check=lambda e: "accuracy" not in e.metrics or bool(e.labels),
+            field_path=".labels",
+            reason="FieldValueRequired",
+        ),
+    )
+
+    test_set: StorageUri = Field(description="Held-out rows the base model and the adapter are scored on")
+    metrics: Annotated[
+        list[Metric], AfterValidator(_unique), Field(min_length=1, max_length=7, json_schema_extra=_SET)
+    ] = Field(default_factory=lambda: list[Metric](["exact_match"]), description="Metrics to compute on testSet")
+    labels: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=256)]],
+            AfterValidator(_unique),
+            Field(min_length=1, max_length=256, json_schema_extra=_SET),
+        ]
+        | None
+    ) = Field(default=None, description="Label set for the accuracy metric")
+    gates: list[Gate] = Field(default_factory=list, max_length=16, description="All gates must pass for eval to pass")
+    regression: RegressionCheck | None = Field(default=None, description="Optional general-ability regression check")
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=64, description="Generation limit per test row"
+    )
+    sample_predictions: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=20, description="Predictions kept for inspection (status.eval.samplesUri)"
+    )
 
 
 class LoRAJobSpec(Model):
-    base_model: BaseModelSource
-    dataset: DatasetSource
-    method: Method = "lora"
-    lora: LoRAConfig = Field(default_factory=LoRAConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    resources: Resources = Field(default_factory=Resources)
-    output: OutputTarget
-    eval: EvalSpec | None = None
-    retries: Annotated[int, Field(ge=0, le=20)] = 2
-    active_deadline_seconds: Annotated[int, Field(ge=60)] | None = None
+    """What to train, on what, and how to judge it.
+
+    baseModel, dataset, method, lora, training and eval define the adapter and cannot change after creation.
+    """
+
+    cel_rules = (
+        Rule(
+            cel="self.method != 'qlora' || self.resources.gpus >= 1",
+            message="spec.resources.gpus: method qlora needs at least 1 GPU",
+            check=lambda s: s.method != "qlora" or s.resources.gpus >= 1,
+            field_path=".resources.gpus",
+        ),
+        Rule(
+            cel="self.dataset.format != 'completion' || !has(self.eval) "
+            "|| self.eval.metrics.all(m, m in ['loss', 'perplexity'])",
+            message="spec.eval.metrics: dataset.format completion has no answers to score; use only loss or perplexity",
+            check=lambda s: (
+                s.dataset.format != "completion"
+                or s.eval is None
+                or all(m in ALWAYS_COMPUTED_METRICS for m in s.eval.metrics)
+            ),
+            field_path=".eval.metrics",
+        ),
+        Rule(
+            cel="has(self.eval) == has(oldSelf.eval)",
+            message="spec.eval: is immutable once set; it cannot be added or removed after creation",
+            check=lambda old, new: (old.eval is None) == (new.eval is None),
+            transition=True,
+        ),
+    )
+
+    base_model: BaseModelSource = Field(
+        description="The pretrained model", json_schema_extra=immutable("spec.baseModel")
+    )
+    dataset: DatasetSource = Field(description="Training data", json_schema_extra=immutable("spec.dataset"))
+    method: Method = Field(
+        default="lora",
+        description="lora, qlora (4-bit base, needs a GPU) or dora (weight-decomposed LoRA)",
+        json_schema_extra=immutable("spec.method"),
+    )
+    lora: LoRAConfig = Field(
+        default_factory=LoRAConfig, description="Adapter shape", json_schema_extra=immutable("spec.lora")
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig,
+        description="Optimisation settings; one epoch unless epochs or maxSteps is set",
+        json_schema_extra=immutable("spec.training"),
+    )
+    resources: Resources = Field(default_factory=Resources, description="Training pod resources and scheduling")
+    output: OutputTarget = Field(description="Where the adapter is published")
+    eval: EvalSpec | None = Field(
+        default=None,
+        description="Evaluation and gates; without it the adapter is published unjudged",
+        json_schema_extra=immutable("spec.eval"),
+    )
+    retries: Annotated[int, Field(ge=0, le=20)] = Field(default=2, description="Failed training attempts to retry")
+    active_deadline_seconds: Annotated[int, Field(ge=60)] | None = Field(
+        default=None, description="Wall-clock limit of one training attempt, in seconds"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRAJob status
 
 
 class Condition(Model):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str
-    message: str = ""
-    last_transition_time: str | None = None
-    observed_generation: int | None = None
+    """A metav1.Condition-shaped status condition."""
+
+    type: Annotated[str, Field(min_length=1, max_length=316)] = Field(description="Ready, Trained, Evaluated, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
+    reason: Annotated[str, Field(min_length=1, max_length=1024)] = Field(description="CamelCase reason")
+    message: Annotated[str, Field(max_length=32768)] = Field(default="", description="Human-readable detail")
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time of the last status change")
+    observed_generation: int | None = Field(default=None, description="metadata.generation the condition describes")
 
 
 class TrainingProgress(Model):
-    step: int = 0
-    total_steps: int | None = None
-    epoch: float | None = None
-    loss: float | None = None
-    eval_loss: float | None = None
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
-    percent: float | None = None
-    updated_at: str | None = None
+    """Live training progress, reported by the trainer."""
+
+    step: int = Field(default=0, description="Optimizer steps done")
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned")
+    epoch: float | None = Field(default=None, description="Fractional epoch reached")
+    loss: float | None = Field(default=None, description="Latest training loss")
+    eval_loss: float | None = Field(default=None, description="Latest validation loss")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput")
+    eta_seconds: float | None = Field(default=None, description="Estimated time to the end of training")
+    percent: float | None = Field(default=None, description="0-100; derived from step/totalSteps when unset")
+    updated_at: str | None = Field(default=None, description="RFC 3339 time of this report")
+    summary: str | None = Field(
+        default=None, description="Derived on serialisation (e.g. 42%); the Progress column of kubectl get"
+    )
+
+    def render_summary(self) -> str | None:
+        percent = self.percent
+        if percent is None and self.total_steps:
+            percent = 100.0 * self.step / self.total_steps
+        if percent is None:
+            return None
+        return f"{int(max(0.0, min(percent, 100.0)))}%"
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        return _with_derived(self, handler(self), info, summary=self.render_summary())
 
 
 class GateVerdict(Model):
+    """How one gate came out."""
+
     metric: Metric
-    rule: str
-    threshold: float
-    value: float | None = None
-    base_value: float | None = None
-    passed: bool
-    message: str = ""
+    rule: str = Field(description="min, max or minImprovementOverBase")
+    threshold: float = Field(description="The gate's bound")
+    value: float | None = Field(default=None, description="The adapter's value")
+    base_value: float | None = Field(default=None, description="The base model's value")
+    passed: bool = Field(description="The gate held")
+    message: str = Field(default="", description="Human-readable verdict")
 
 
 class EvalResults(Model):
-    passed: bool
-    base: dict[str, float] = Field(default_factory=dict)
+    """Evaluation outcome."""
+
+    passed: bool = Field(description="All gates and the regression check passed")
+    base: dict[str, float] = Field(default_factory=dict, description="Base model metrics")
     adapter: dict[str, float] = Field(default_factory=dict, description="Adapter on the base in serving precision")
     adapter_training_precision: dict[str, float] | None = Field(
         default=None, description="QLoRA: the adapter on the 4-bit base it was trained against"
     )
-    gates: list[GateVerdict] = Field(default_factory=list)
-    samples_uri: str | None = None
+    gates: list[GateVerdict] = Field(
+        default_factory=list, max_length=16, description="One verdict per spec.eval.gates entry"
+    )
+    samples_uri: str | None = Field(default=None, description="Sample predictions (JSON Lines)")
+    verdict: Literal["Passed", "Failed"] | None = Field(
+        default=None, description="Derived from passed on serialisation; the Eval column of kubectl get"
+    )
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        return _with_derived(self, handler(self), info, verdict="Passed" if self.passed else "Failed")
 
 
 class AdapterArtifact(Model):
-    uri: str
+    """The published adapter."""
+
+    uri: str = Field(description="Where the adapter files are")
     digest: str = Field(description="sha256 of the manifest, as sha256:<hex>")
-    size_bytes: int
-    trainable_parameters: int
-    rank: int
-    base_model: str
+    size_bytes: int = Field(description="Total size of the adapter files")
+    trainable_parameters: int = Field(description="Parameters the adapter trains")
+    rank: int = Field(description="LoRA rank")
+    base_model: str = Field(description="Identity of the base model the adapter was trained on")
+    short_digest: str | None = Field(
+        default=None, description="Derived from digest on serialisation (12 hex digits); the Adapter column"
+    )
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        return _with_derived(self, handler(self), info, short_digest=short_digest(self.digest))
 
 
 class LoRAJobStatus(Model):
-    phase: LoRAJobPhase = "Pending"
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    message: str | None = None
-    job_name: str | None = None
-    attempts: int = 0
-    progress: TrainingProgress | None = None
-    eval: EvalResults | None = None
-    adapter: AdapterArtifact | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    gpu_seconds: float | None = None
+    """Observed state of a LoRAJob, written by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    phase: LoRAJobPhase = Field(default="Pending", description="Where the job is in its life cycle")
+    observed_generation: int | None = Field(default=None, description="metadata.generation this status describes")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    message: str | None = Field(default=None, description="Human-readable detail of the phase")
+    job_name: str | None = Field(default=None, description="The batch/v1 Job of the current attempt")
+    attempts: int = Field(default=0, description="Training attempts started")
+    progress: TrainingProgress | None = Field(default=None, description="Live training progress")
+    eval: EvalResults | None = Field(default=None, description="Evaluation outcome")
+    adapter: AdapterArtifact | None = Field(default=None, description="The published adapter")
+    start_time: str | None = Field(default=None, description="RFC 3339 time the first attempt started")
+    completion_time: str | None = Field(default=None, description="RFC 3339 time the job finished")
+    gpu_seconds: float | None = Field(default=None, description="GPU time used by all attempts")
     cost_estimate: str | None = Field(default=None, description="Estimated cost, e.g. 12.40 USD")
+    kopf: dict[str, Any] | None = Field(
+        default=None, exclude=True, description="kopf's own bookkeeping; not part of the API"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# AdapterDeployment
 
 
 class AdapterSource(Model):
-    lora_job: str | None = Field(default=None, description="A LoRAJob in the same namespace")
-    uri: StorageUri | None = None
-    digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
-    secret_ref: SecretRef | None = None
+    """The adapter to serve: the output of a LoRAJob, or files at a URI pinned by digest."""
+
+    cel_rules = (
+        Rule(
+            cel="has(self.loraJob) != has(self.uri)",
+            message="spec.adapter: set exactly one of loraJob or uri",
+            check=lambda a: (a.lora_job is None) != (a.uri is None),
+        ),
+        Rule(
+            cel="!has(self.uri) || has(self.digest)",
+            message="spec.adapter.digest: is required when spec.adapter.uri is set",
+            check=lambda a: a.uri is None or a.digest is not None,
+            field_path=".digest",
+            reason="FieldValueRequired",
+        ),
+    )
+
+    lora_job: ObjectName | None = Field(default=None, description="A LoRAJob in the same namespace")
+    uri: StorageUri | None = Field(default=None, description="Adapter files; needs digest")
+    digest: Digest | None = Field(default=None, description="Expected manifest digest, sha256:<hex>")
+    secret_ref: SecretRef | None = Field(default=None, description="S3 credentials: keys accessKey and secretKey")
 
 
 class ManagedServer(Model):
-    base_model: BaseModelSource
-    image: str = "vllm/vllm-openai:latest"
-    replicas: Annotated[int, Field(ge=1, le=1000)] = 1
-    gpus: Annotated[int, Field(ge=0, le=64)] = 1
-    gpu_type: str | None = None
+    """A vLLM server the operator runs for this AdapterDeployment."""
+
+    base_model: BaseModelSource = Field(description="The model vLLM serves")
+    image: Annotated[str, Field(min_length=1, max_length=512)] = Field(
+        default="vllm/vllm-openai:latest", description="vLLM server image"
+    )
+    replicas: Annotated[int, Field(ge=1, le=1000)] = Field(default=1, description="Server pods")
+    gpus: Annotated[int, Field(ge=0, le=64)] = Field(default=1, description="nvidia.com/gpu per server pod")
+    gpu_type: Annotated[str, Field(max_length=128)] | None = Field(
+        default=None, description="Value of the nvidia.com/gpu.product node label"
+    )
 
 
 class ServingTarget(Model):
-    deployment_name: str | None = None
-    selector: dict[str, str] | None = None
-    managed: ManagedServer | None = None
-    base_model: str = Field(description="Identity of the served base model, compared with the adapter's")
-    port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    max_loras: Annotated[int, Field(ge=1)] = 4
-    max_lora_rank: Annotated[int, Field(ge=1, le=512)] = 64
+    """The vLLM servers to load the adapter into. Set exactly one of deploymentName, selector and managed."""
+
+    cel_rules = (
+        Rule(
+            cel="[has(self.deploymentName), has(self.selector), has(self.managed)].exists_one(x, x)",
+            message="spec.target: set exactly one of deploymentName, selector or managed",
+            check=lambda t: sum(v is not None for v in (t.deployment_name, t.selector, t.managed)) == 1,
+        ),
+    )
+
+    deployment_name: ObjectName | None = Field(default=None, description="An existing vLLM Deployment")
+    selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=16, description="Labels of existing vLLM pods"
+    )
+    managed: ManagedServer | None = Field(default=None, description="A vLLM server run by the operator")
+    base_model: Annotated[str, Field(min_length=1, max_length=512)] = Field(
+        description="Identity of the served base model, compared with the adapter's"
+    )
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8000, description="vLLM's HTTP port")
+    max_loras: Annotated[int, Field(ge=1, le=256)] = Field(default=4, description="vLLM --max-loras")
+    max_lora_rank: Annotated[int, Field(ge=1, le=512)] = Field(default=64, description="vLLM --max-lora-rank")
 
 
 class GatePolicy(Model):
-    require_eval_passed: bool = True
+    """When an adapter may be served."""
+
+    require_eval_passed: bool = Field(default=True, description="Refuse adapters whose LoRAJob eval did not pass")
 
 
 class RolloutStrategy(Model):
-    strategy: Literal["AllAtOnce", "Canary"] = "Canary"
-    canary_replicas: Annotated[int, Field(ge=1)] = 1
-    smoke_prompts: Annotated[int, Field(ge=0, le=100)] = 5
-    smoke_min_match: Annotated[float, Field(ge=0, le=1)] = 0.8
-    auto_rollback: bool = True
+    """How a new adapter version replaces the old one."""
+
+    strategy: Literal["AllAtOnce", "Canary"] = Field(
+        default="Canary",
+        description="Canary: load on canaryReplicas, smoke-test, then promote; AllAtOnce: load everywhere",
+    )
+    canary_replicas: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=1, description="Canary: replicas that load the new adapter first; at most target.managed.replicas"
+    )
+    smoke_prompts: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=5, description="Prompts sent to the canary before promotion"
+    )
+    smoke_min_match: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.8, description="Fraction of smoke prompts whose answers must match the LoRAJob's eval predictions"
+    )
+    auto_rollback: bool = Field(default=True, description="Return to the previous adapter when the rollout fails")
 
 
 class AdapterDeploymentSpec(Model):
-    adapter: AdapterSource
-    served_name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
-    target: ServingTarget
-    gate_policy: GatePolicy = Field(default_factory=GatePolicy)
-    rollout: RolloutStrategy = Field(default_factory=RolloutStrategy)
+    """Which adapter to serve, where, and how to roll it out."""
+
+    cel_rules = (
+        Rule(
+            cel="self.rollout.strategy != 'Canary' || !has(self.target.managed) "
+            "|| self.rollout.canaryReplicas <= self.target.managed.replicas",
+            message="spec.rollout.canaryReplicas: must not exceed spec.target.managed.replicas",
+            check=lambda s: (
+                s.rollout.strategy != "Canary"
+                or s.target.managed is None
+                or s.rollout.canary_replicas <= s.target.managed.replicas
+            ),
+            field_path=".rollout.canaryReplicas",
+        ),
+    )
+
+    adapter: AdapterSource = Field(description="The adapter to serve")
+    served_name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")] = Field(
+        description="Model name clients request from vLLM's OpenAI API"
+    )
+    target: ServingTarget = Field(description="The vLLM servers")
+    gate_policy: GatePolicy = Field(default_factory=GatePolicy, description="When an adapter may be served")
+    rollout: RolloutStrategy = Field(
+        default_factory=RolloutStrategy, description="How a new adapter replaces the old one"
+    )
 
 
 class ReplicaState(Model):
-    pod: str
-    digest: str | None = None
-    state: Literal["Pending", "Loading", "Loaded", "Failed", "Unloaded"]
-    message: str | None = None
-    attempts: int = 0
+    """One server pod's view of the adapter."""
+
+    pod: str = Field(description="Server pod name")
+    digest: str | None = Field(default=None, description="Adapter digest this pod serves or is loading")
+    state: Literal["Pending", "Loading", "Loaded", "Failed", "Unloaded"] = Field(
+        description="Adapter state on this pod"
+    )
+    message: str | None = Field(default=None, description="Detail, e.g. the load error")
+    attempts: int = Field(default=0, description="Load attempts on this pod")
 
 
 class AdapterDeploymentStatus(Model):
-    phase: AdapterDeploymentPhase = "Pending"
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    message: str | None = None
-    active_digest: str | None = None
-    previous_digest: str | None = None
-    active_uri: str | None = None
-    previous_uri: str | None = None
-    desired_replicas: int = 0
-    loaded_replicas: int = 0
-    replicas: list[ReplicaState] = Field(default_factory=list, description="Per-pod state, capped at 50 entries")
+    """Observed state of an AdapterDeployment, written by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    phase: AdapterDeploymentPhase = Field(default="Pending", description="Where the rollout is")
+    observed_generation: int | None = Field(default=None, description="metadata.generation this status describes")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    message: str | None = Field(default=None, description="Human-readable detail of the phase")
+    active_digest: str | None = Field(default=None, description="Digest of the adapter being served")
+    previous_digest: str | None = Field(default=None, description="Digest to roll back to")
+    active_uri: str | None = Field(default=None, description="Files of the adapter being served")
+    previous_uri: str | None = Field(default=None, description="Files of the adapter to roll back to")
+    desired_replicas: int = Field(default=0, description="Server pods that should serve the adapter")
+    loaded_replicas: int = Field(default=0, description="Server pods that serve the active adapter")
+    replicas: list[ReplicaState] = Field(
+        default_factory=list, max_length=50, description="Per-pod state, capped at 50 entries"
+    )
+    active_short_digest: str | None = Field(
+        default=None, description="Derived from activeDigest on serialisation; the Active column"
+    )
+    loaded: str | None = Field(
+        default=None, description="Derived on serialisation as loadedReplicas/desiredReplicas; the Loaded column"
+    )
+    kopf: dict[str, Any] | None = Field(
+        default=None, exclude=True, description="kopf's own bookkeeping; not part of the API"
+    )
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        return _with_derived(
+            self,
+            handler(self),
+            info,
+            active_short_digest=short_digest(self.active_digest),
+            loaded=f"{self.loaded_replicas}/{self.desired_replicas}",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Objects
 
 
 class ObjectMeta(BaseModel):
@@ -277,6 +776,8 @@ class ObjectMeta(BaseModel):
 
 
 class LoRAJob(Model):
+    """Fine-tunes a LoRA, QLoRA or DoRA adapter, evaluates it against gates and publishes it."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
     api_version: Literal["kubelora.dev/v1alpha1"] = API_VERSION
     kind: Literal["LoRAJob"] = "LoRAJob"
@@ -286,6 +787,8 @@ class LoRAJob(Model):
 
 
 class AdapterDeployment(Model):
+    """Serves an adapter from vLLM servers, with eval gating, canary and rollback."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
     api_version: Literal["kubelora.dev/v1alpha1"] = API_VERSION
     kind: Literal["AdapterDeployment"] = "AdapterDeployment"
@@ -297,3 +800,92 @@ class AdapterDeployment(Model):
 def dump(model: BaseModel) -> dict[str, Any]:
     """Wire form: camelCase, None fields dropped."""
     return model.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Offline validation (the same rules the API server applies)
+
+
+class InvalidObjectError(ValueError):
+    """An object the API server would reject. ``causes`` holds one message per problem, naming the field."""
+
+    def __init__(self, kind: str, name: str | None, causes: list[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.causes = causes
+        super().__init__(f'{kind} "{name or "<unnamed>"}" is invalid: ' + "; ".join(causes))
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _causes(exc: ValidationError) -> list[str]:
+    causes = []
+    for error in exc.errors(include_url=False):
+        if error["type"] == "kubelora_rule":
+            causes.append(error["msg"])
+        else:
+            causes.append(f"{_loc(error['loc']) or '<object>'}: {error['msg']}")
+    return causes
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _validate(cls: type[_M], obj: Mapping[str, Any] | BaseModel) -> _M:
+    data = dump(obj) if isinstance(obj, BaseModel) else obj
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        metadata = data.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, Mapping) else None
+        raise InvalidObjectError(cls.__name__, name, _causes(exc)) from None
+
+
+def validate_lorajob(obj: Mapping[str, Any] | LoRAJob) -> LoRAJob:
+    """Parse a LoRAJob (wire form) and apply the CRD's rules; raises InvalidObjectError."""
+    return _validate(LoRAJob, obj)
+
+
+def validate_adapterdeployment(obj: Mapping[str, Any] | AdapterDeployment) -> AdapterDeployment:
+    """Parse an AdapterDeployment (wire form) and apply the CRD's rules; raises InvalidObjectError."""
+    return _validate(AdapterDeployment, obj)
+
+
+def immutable_fields(model: type[BaseModel]) -> dict[str, str]:
+    """Python field name -> wire path of the fields marked ``immutable(...)`` on ``model``."""
+    out = {}
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and isinstance(path := extra.get(IMMUTABLE_KEY), str):
+            out[name] = path
+    return out
+
+
+def validate_lorajob_update(old: Mapping[str, Any] | LoRAJob, new: Mapping[str, Any] | LoRAJob) -> LoRAJob:
+    """Validate ``new`` as an update of ``old``: the rules of :func:`validate_lorajob` plus immutability."""
+    old_job = validate_lorajob(old)
+    new_job = validate_lorajob(new)
+    causes = []
+    for name, path in immutable_fields(LoRAJobSpec).items():
+        before, after = getattr(old_job.spec, name), getattr(new_job.spec, name)
+        if before is not None and after is not None and _wire(before) != _wire(after):
+            causes.append(f"{path}: is immutable once set")
+    for spec_cls in (LoRAJobSpec,):
+        for rule in spec_cls.cel_rules:
+            if rule.transition and not rule.check(old_job.spec, new_job.spec):
+                causes.append(rule.message)
+    if causes:
+        raise InvalidObjectError("LoRAJob", new_job.metadata.name, causes)
+    return new_job
+
+
+def _wire(value: Any) -> Any:
+    return dump(value) if isinstance(value, BaseModel) else value

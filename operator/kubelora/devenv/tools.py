@@ -73,20 +73,30 @@ def _go_env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path | None, log: Path) -> None:
+def _run(cmd: list[str], cwd: Path | None, log: Path, heartbeat_seconds: float = 60.0) -> None:
+    """Run a build step into its log, saying every minute that it is still going."""
+    started = time.monotonic()
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.run(cmd, cwd=cwd, env=_go_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_go_env(), stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                proc.wait(timeout=heartbeat_seconds)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - started
+                print(f"Still building step={cmd[1]} elapsed={elapsed:.0f}s log={log}", file=sys.stderr, flush=True)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"Command failed: {' '.join(cmd)} (log={log})\n{tail}")
 
 
 def _go_proxy() -> str:
-    proxy = _go_env().get("GOPROXY") or subprocess.run(
-        ["go", "env", "GOPROXY"], capture_output=True, text=True, env=_go_env()
-    ).stdout.strip()
+    proxy = (
+        _go_env().get("GOPROXY")
+        or subprocess.run(["go", "env", "GOPROXY"], capture_output=True, text=True, env=_go_env()).stdout.strip()
+    )
     for entry in proxy.replace("|", ",").split(","):
         if entry.startswith("http"):
             return entry.rstrip("/")
@@ -137,13 +147,30 @@ def _build_kubernetes(tool: Tool, workdir: Path, log: Path) -> None:
     for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
         ldflags += [f"-X {pkg}.{k}={v}" for k, v in stamp.items()]
     packages = [f"k8s.io/kubernetes/cmd/{b}" for b in tool.binaries]
-    _run(["go", "build", "-trimpath", "-ldflags", " ".join(ldflags), "-o", str(workdir / "out") + "/", *packages], workdir, log)
+    _run(
+        ["go", "build", "-trimpath", "-ldflags", " ".join(ldflags), "-o", str(workdir / "out") + "/", *packages],
+        workdir,
+        log,
+    )
 
 
 def _build_etcd(tool: Tool, workdir: Path, log: Path) -> None:
     _wrapper_module(workdir, "kubelora.dev/build/etcd", {"go.etcd.io/etcd/server/v3": tool.version}, {})
     _run(["go", "mod", "download", "go.etcd.io/etcd/server/v3"], workdir, log)
-    _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(workdir / "out" / "etcd"), "go.etcd.io/etcd/server/v3"], workdir, log)
+    _run(
+        [
+            "go",
+            "build",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            "-o",
+            str(workdir / "out" / "etcd"),
+            "go.etcd.io/etcd/server/v3",
+        ],
+        workdir,
+        log,
+    )
 
 
 def _go_install(packages: list[str]) -> object:
@@ -201,20 +228,30 @@ def _progress(tools: list[Tool]) -> Iterator[Tool]:
 def build_all(tools: tuple[Tool, ...] = ALL_TOOLS) -> dict[str, Path]:
     """Build every tool, showing which one is under way and how long each took."""
     try:
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        import rich.progress as rich_progress
     except ImportError:  # the bootstrap may run before the virtualenv exists
-        Progress = None  # type: ignore[assignment,misc]
+        rich_progress = None  # type: ignore[assignment]
     todo = [t for t in tools if not t.is_built()]
     result = {t.name: t.directory for t in tools if t.is_built()}
     if not todo:
         return result
-    if Progress is None or not sys.stderr.isatty():
+    if rich_progress is None or not sys.stderr.isatty():
         for tool in _progress(todo):
             started = time.monotonic()
             result[tool.name] = build(tool)
-            print(f"Built tool={tool.name} version={tool.version} seconds={time.monotonic() - started:.0f}", file=sys.stderr, flush=True)
+            print(
+                f"Built tool={tool.name} version={tool.version} seconds={time.monotonic() - started:.0f}",
+                file=sys.stderr,
+                flush=True,
+            )
         return result
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()) as progress:
+    columns = (
+        rich_progress.SpinnerColumn(),
+        rich_progress.TextColumn("{task.description}"),
+        rich_progress.BarColumn(),
+        rich_progress.TimeElapsedColumn(),
+    )
+    with rich_progress.Progress(*columns) as progress:
         overall = progress.add_task("Building tools", total=len(todo))
         for tool in todo:
             progress.update(overall, description=f"Building {tool.name} {tool.version}")

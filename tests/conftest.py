@@ -1,0 +1,94 @@
+"""Shared fixtures: the real local environment (control plane, kwok GPU nodes, MinIO)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubelora.devenv import cluster
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(description: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
+    """Poll `check` until it returns something truthy; fail with the last value or error on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"Timed out after {timeout:.0f}s waiting for {description}; last={last!r}")
+
+
+@pytest.fixture(scope="session")
+def devenv() -> Iterator[cluster.DevEnv]:
+    """A running environment: reuse one that is up, else start one and stop it afterwards."""
+    env = cluster.load()
+    started_here = env is None
+    if env is None:
+        env = cluster.up()
+    os.environ.update({k: v for k, v in env.env().items() if k != "PATH"})
+    yield env
+    if started_here and not os.environ.get("KUBELORA_KEEP_DEVENV"):
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def api_client(devenv: cluster.DevEnv) -> Iterator[Any]:
+    from kubernetes import config
+
+    api_client = config.new_client_from_config(config_file=str(devenv.kubeconfig))
+    yield api_client
+    api_client.close()
+
+
+@pytest.fixture
+def kubectl(devenv: cluster.DevEnv) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = cluster.kubectl(devenv, *args, input=input, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture
+def namespace(devenv: cluster.DevEnv) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl(devenv, "create", "namespace", name)
+    yield name
+    cluster.kubectl(devenv, "delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def minio_client(devenv: cluster.DevEnv) -> Any:
+    from minio import Minio
+
+    return Minio(devenv.minio_endpoint, devenv.minio_access_key, devenv.minio_secret_key, secure=False)
+
+
+@pytest.fixture
+def bucket(minio_client: Any) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    minio_client.make_bucket(name)
+    yield name
+    for obj in minio_client.list_objects(name, recursive=True):
+        minio_client.remove_object(name, obj.object_name)
+    minio_client.remove_bucket(name)
