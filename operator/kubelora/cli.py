@@ -1,1 +1,57 @@
-"""kubelora command line."""
+"""The `kubelora` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="kubelora: LoRA fine-tuning on Kubernetes", no_args_is_help=True, add_completion=False)
+
+
+@app.command()
+def operator(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch only this namespace (repeatable)")
+    ] = None,
+    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="Watch every namespace")] = False,
+    config: Annotated[Path | None, typer.Option(help="Operator config file (YAML)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
+    health_port: Annotated[int | None, typer.Option(help="Serve /healthz on this port")] = None,
+    peering: Annotated[str | None, typer.Option(help="kopf peering name: one active replica, others stand by")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the operator."""
+    from kubelora.operator.main import run
+
+    run(namespace or [], all_namespaces, config, metrics_port, health_port, peering, verbose)
+
+
+@app.command()
+def estimate(
+    manifest: Annotated[Path, typer.Argument(help="A LoRAJob manifest (YAML or JSON)")],
+    model_config: Annotated[
+        Path | None, typer.Option("--model-config", help="The base model's config.json, if not read from storage")
+    ] = None,
+    output_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Trainable parameters, memory by component, GPU-hours and cost for a LoRAJob, before running it."""
+    from kubelora.operator.estimates import estimate_manifest, render_estimate
+
+    try:
+        result = estimate_manifest(manifest, model_config)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if output_json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        render_estimate(result)
+
+
+if __name__ == "__main__":
+    app()

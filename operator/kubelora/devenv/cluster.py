@@ -346,7 +346,7 @@ def up(pools: tuple[GPUPool, ...] | None = None) -> DevEnv:
     if existing is not None:
         _log("Reusing running environment", kubeconfig=existing.kubeconfig, minio=existing.minio_endpoint)
         return existing
-    tools.build_all()
+    tools.build_all((tools.ETCD, tools.KUBERNETES, tools.KWOK, tools.MINIO))
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
     _stop_minio(directory)
@@ -418,7 +418,7 @@ def describe(env: DevEnv) -> str:
         "-L",
         "nvidia.com/gpu.product,nvidia.com/gpu.count",
         "-o",
-        "custom-columns=NAME:.metadata.name,STATUS:.status.conditions[-1].type,"
+        "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type==\"Ready\")].status,"
         "GPUS:.status.allocatable.nvidia\\.com/gpu,PRODUCT:.metadata.labels.nvidia\\.com/gpu\\.product",
     ).stdout
     return (

@@ -1,0 +1,50 @@
+"""The operator's own configuration, read from a YAML file (the Helm chart's ConfigMap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+# On-demand list prices, USD per GPU-hour; platform teams override them in the chart's values.
+DEFAULT_GPU_PRICES = {
+    "NVIDIA-A100-SXM4-80GB": 3.67,
+    "NVIDIA-A100-SXM4-40GB": 3.06,
+    "NVIDIA-H100-80GB-HBM3": 6.98,
+    "NVIDIA-L4": 0.81,
+    "NVIDIA-A10G": 1.01,
+    "Tesla-T4": 0.53,
+}
+
+
+class OperatorConfig(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    trainer_image: str = "ghcr.io/kubelora/trainer:0.1.0"
+    gpu_prices_per_hour: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GPU_PRICES))
+    default_gpu_price_per_hour: float = 2.0
+    default_s3_endpoint: str | None = None
+    s3_secure: bool = False
+    progress_interval_seconds: float = Field(default=5.0, gt=0)
+    executor: Literal["job", "local"] = "job"
+    local_workdir: Path = Path("/tmp/kubelora-local")
+    shm_size_per_gpu: str = "16Gi"
+    trainer_uid: int = 1000
+
+    def price_per_hour(self, gpu_type: str | None) -> float:
+        if gpu_type and gpu_type in self.gpu_prices_per_hour:
+            return self.gpu_prices_per_hour[gpu_type]
+        return self.default_gpu_price_per_hour
+
+    @classmethod
+    def load(cls, path: Path | None) -> OperatorConfig:
+        if path is None:
+            return cls()
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"Cannot read operator config {path}: {exc}") from exc
+        return cls.model_validate(data)

@@ -1,0 +1,262 @@
+"""Where training runs: a batch/v1 Job (production) or a local process (development, the demo).
+
+Both give the same Observation, so the LoRAJob state machine does not know which one ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubelora import storage
+from kubelora.api.v1alpha1 import LoRAJob
+from kubelora.operator.config import OperatorConfig
+from kubelora.operator.jobspec import EXIT_CONFIG_ERROR, build_job, spec_annotation
+from kubelora.operator.observe import Observation, TrainerReport
+
+REPORT_PREFIX = "_kubelora/"
+
+
+class Executor(Protocol):
+    def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
+        """Start the run unless it exists; idempotent. Returns the run's name."""
+
+    def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation: ...
+
+    def cancel(self, lorajob: LoRAJob) -> None: ...
+
+
+def report_location(lorajob: LoRAJob, name: str) -> storage.S3Location:
+    return storage.parse_s3(lorajob.spec.output.uri).child(REPORT_PREFIX + name)
+
+
+def read_s3_report(lorajob: LoRAJob, credentials: dict[str, str], names: tuple[str, ...]) -> TrainerReport:
+    """The trainer's progress snapshot and final result, from next to the adapter."""
+    if not lorajob.spec.output.uri.startswith("s3://") or "S3_ENDPOINT" not in credentials:
+        return TrainerReport()
+    client = storage.client_from_env(credentials)
+    report = TrainerReport()
+    for name in names:
+        snapshot = storage.read_json(client, report_location(lorajob, name))
+        if snapshot:
+            loaded = TrainerReport.from_snapshot(snapshot)
+            for field in ("phase", "progress", "result", "error", "estimate"):
+                value = getattr(loaded, field)
+                if value is not None:
+                    setattr(report, field, value)
+    return report
+
+
+def _pod_observation(pods: list[dict[str, Any]]) -> tuple[str, str, str] | None:
+    """(state, reason, message) from the newest pod, when it says more than the Job does."""
+    if not pods:
+        return None
+    pod = max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+    status = pod.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return "Queued", condition.get("reason") or "Unschedulable", condition.get("message") or ""
+    if status.get("phase") == "Running":
+        return "Running", "Running", ""
+    return None
+
+
+def _termination_message(pods: list[dict[str, Any]]) -> str:
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if terminated.get("message"):
+                return str(terminated["message"])[:1024]
+    return ""
+
+
+def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observation:
+    """Map a Job and its pods to an Observation (pure; unit-tested without a cluster)."""
+    if job is None:
+        return Observation(state="NotStarted")
+    status = job.get("status") or {}
+    name = job["metadata"]["name"]
+    attempts = int(status.get("failed") or 0) + int(status.get("active") or 0) + int(status.get("succeeded") or 0)
+    conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    base = Observation(state="Pending", attempts=attempts, started_at=status.get("startTime"), run_name=name)
+    if "Complete" in conditions:
+        base.state = "Succeeded"
+        base.finished_at = status.get("completionTime") or conditions["Complete"].get("lastTransitionTime")
+        return base
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    if failed is not None:
+        base.state = "Failed"
+        base.reason = failed.get("reason") or "JobFailed"
+        detail = _termination_message(pods)
+        base.message = "; ".join(m for m in (failed.get("message") or "", detail) if m)
+        base.finished_at = failed.get("lastTransitionTime")
+        return base
+    pod_state = _pod_observation(pods)
+    if pod_state is not None:
+        base.state, base.reason, base.message = pod_state  # type: ignore[assignment]
+    return base
+
+
+class JobExecutor:
+    """Runs the trainer as a batch/v1 Job. Job and pod state come from kopf's in-memory indexes."""
+
+    def __init__(self, api_client: Any, config: OperatorConfig) -> None:
+        from kubernetes import client
+
+        self.batch = client.BatchV1Api(api_client)
+        self.config = config
+        self.jobs: Any = {}
+        self.pods: Any = {}
+
+    def bind(self, jobs: Any, pods: Any) -> None:
+        """Read Jobs and pods from these mappings of (namespace, lorajob) to objects (kopf indexes)."""
+        self.jobs, self.pods = jobs, pods
+
+    def _key(self, lorajob: LoRAJob) -> tuple[str, str]:
+        return (lorajob.metadata.namespace or "", lorajob.metadata.name)
+
+    def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        body: Any = build_job(lorajob, self.config)
+        try:
+            self.batch.create_namespaced_job(lorajob.metadata.namespace or "default", body)
+        except ApiException as exc:
+            if exc.status != 409:  # AlreadyExists: an earlier reconcile made it
+                raise
+        return str(body["metadata"]["name"])
+
+    def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation:
+        key = self._key(lorajob)
+        jobs = list(self.jobs.get(key, []))
+        observation = observe_job(jobs[0] if jobs else None, list(self.pods.get(key, [])))
+        if observation.state == "Succeeded":
+            observation.report = read_s3_report(lorajob, credentials, ("progress.json", "result.json"))
+        elif observation.state == "Running" and read_progress:
+            observation.report = read_s3_report(lorajob, credentials, ("progress.json",))
+        return observation
+
+    def cancel(self, lorajob: LoRAJob) -> None:
+        """Deleting the LoRAJob deletes the Job through its owner reference; nothing else to do."""
+
+
+class LocalExecutor:
+    """Runs the trainer as a local process: the same state machine on a machine with no kubelet."""
+
+    def __init__(self, config: OperatorConfig, python: str = sys.executable) -> None:
+        self.root = Path(config.local_workdir)
+        self.python = python
+
+    def _dir(self, lorajob: LoRAJob) -> Path:
+        return self.root / (lorajob.metadata.namespace or "default") / f"{lorajob.metadata.name}-{lorajob.metadata.uid}"
+
+    def _pid(self, run_dir: Path) -> int | None:
+        try:
+            pid = int((run_dir / "pid").read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)  # reap our own child so it does not linger as a zombie
+            if waited == pid:
+                return None
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def _exit_code(self, run_dir: Path) -> int | None:
+        try:
+            return int((run_dir / "exit-code").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _attempts(self, run_dir: Path) -> int:
+        try:
+            return int((run_dir / "attempts").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _spawn(self, lorajob: LoRAJob, run_dir: Path, credentials: dict[str, str]) -> None:
+        attempts = self._attempts(run_dir) + 1
+        (run_dir / "attempts").write_text(str(attempts))
+        (run_dir / "exit-code").unlink(missing_ok=True)
+        command = [self.python, "-m", "kubelora.trainer", "--spec", str(run_dir / "lorajob.json")]
+        command += ["--report-file", str(run_dir / "report.jsonl"), "--workdir", str(run_dir / "work")]
+        # The shell records the exit code, so a restarted operator still learns how the run ended.
+        script = 'exec 1>>"$RUN_DIR/trainer.log" 2>&1; "$@"; echo $? > "$RUN_DIR/exit-code.tmp"; '
+        script += 'mv "$RUN_DIR/exit-code.tmp" "$RUN_DIR/exit-code"'
+        env = {**os.environ, **credentials, "RUN_DIR": str(run_dir), "KUBELORA_LOCAL_ATTEMPT": str(attempts)}
+        process = subprocess.Popen(
+            ["/bin/sh", "-c", script, "kubelora-trainer", *command], env=env, start_new_session=True, cwd=run_dir
+        )
+        (run_dir / "pid").write_text(str(process.pid))
+
+    def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
+        run_dir = self._dir(lorajob)
+        if (run_dir / "pid").is_file():
+            return run_dir.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "lorajob.json").write_text(spec_annotation(lorajob))
+        self._spawn(lorajob, run_dir, credentials)
+        return run_dir.name
+
+    def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation:
+        run_dir = self._dir(lorajob)
+        if not (run_dir / "pid").is_file():
+            return Observation(state="NotStarted")
+        report = TrainerReport.from_jsonl(run_dir / "report.jsonl")
+        attempts = self._attempts(run_dir)
+        observation = Observation(state="Running", attempts=attempts, run_name=run_dir.name, report=report)
+        observation.started_at = _iso_mtime(run_dir / "lorajob.json")
+        code = self._exit_code(run_dir)
+        if code is None:
+            if self._pid(run_dir) is None:
+                # The process died without recording an exit code (killed with the operator): run again.
+                code = 137
+            else:
+                return observation
+        if code == 0:
+            observation.state = "Succeeded"
+            observation.finished_at = _iso_mtime(run_dir / "exit-code")
+            return observation
+        retryable = code != EXIT_CONFIG_ERROR and attempts <= lorajob.spec.retries
+        if retryable:
+            self._spawn(lorajob, run_dir, credentials)
+            observation.attempts = attempts + 1
+            observation.reason, observation.message = "Retrying", f"Attempt {attempts} exited with code {code}"
+            return observation
+        observation.state = "Failed"
+        observation.reason = (report.error or {}).get("reason") or (
+            "ConfigError" if code == EXIT_CONFIG_ERROR else "BackoffLimitExceeded"
+        )
+        observation.message = (report.error or {}).get(
+            "message"
+        ) or f"Trainer exited with code {code} after {attempts} attempt(s)"
+        observation.finished_at = _iso_mtime(run_dir / "exit-code") if (run_dir / "exit-code").exists() else None
+        return observation
+
+    def cancel(self, lorajob: LoRAJob) -> None:
+        pid = self._pid(self._dir(lorajob))
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+
+
+def _iso_mtime(path: Path) -> str | None:
+    import datetime
+
+    try:
+        stamp = path.stat().st_mtime
+    except OSError:
+        return None
+    return (
+        datetime.datetime.fromtimestamp(stamp, datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    )

@@ -1,0 +1,207 @@
+"""The batch/v1 Job that runs the trainer for a LoRAJob: a pure function of the LoRAJob and the config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubelora.api.v1alpha1 import API_VERSION, LoRAJob, dump
+from kubelora.operator.config import OperatorConfig
+
+LORAJOB_LABEL = "kubelora.dev/lorajob"
+SPEC_ANNOTATION = "kubelora.dev/spec"
+SPEC_PATH = "/etc/kubelora/lorajob.json"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+# The trainer exits with this code for failures a retry cannot fix (bad config, bad data).
+EXIT_CONFIG_ERROR = 3
+
+
+def job_name(lorajob_name: str) -> str:
+    """Deterministic, so a restarted operator finds the Job it made instead of making another."""
+    name = f"{lorajob_name}-train"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(lorajob_name.encode()).hexdigest()[:8]
+    return f"{lorajob_name[:48]}-{digest}-train"
+
+
+def _secret_env(lorajob: LoRAJob) -> list[dict[str, Any]]:
+    """S3 credentials by reference; the first secretRef found is used for every location."""
+    spec = lorajob.spec
+    refs = [spec.output.secret_ref, spec.base_model.secret_ref, spec.dataset.secret_ref]
+    ref = next((r for r in refs if r is not None), None)
+    if ref is None:
+        return []
+
+    def key(env_name: str, secret_key: str, optional: bool = False) -> dict[str, Any]:
+        selector: dict[str, Any] = {"name": ref.name, "key": secret_key}
+        if optional:
+            selector["optional"] = True
+        return {"name": env_name, "valueFrom": {"secretKeyRef": selector}}
+
+    return [
+        key("AWS_ACCESS_KEY_ID", "accessKey"),
+        key("AWS_SECRET_ACCESS_KEY", "secretKey"),
+        key("S3_ENDPOINT", "endpoint", optional=True),
+    ]
+
+
+def spec_annotation(lorajob: LoRAJob) -> str:
+    return json.dumps(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "LoRAJob",
+            "metadata": {"name": lorajob.metadata.name, "namespace": lorajob.metadata.namespace},
+            "spec": dump(lorajob.spec),
+        },
+        sort_keys=True,
+    )
+
+
+def _memory_to_shm(per_gpu: str, gpus: int) -> str:
+    number = "".join(ch for ch in per_gpu if ch.isdigit())
+    unit = per_gpu[len(number) :]
+    return f"{int(number) * max(gpus, 1)}{unit}"
+
+
+def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
+    spec = lorajob.spec
+    meta = lorajob.metadata
+    gpus = spec.resources.gpus
+    labels = {
+        LORAJOB_LABEL: meta.name,
+        "app.kubernetes.io/name": "kubelora-trainer",
+        "app.kubernetes.io/managed-by": "kubelora",
+    }
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if gpus:
+        limits[GPU_RESOURCE] = str(gpus)
+    if spec.resources.memory:
+        limits["memory"] = requests["memory"] = spec.resources.memory
+    if spec.resources.cpu:
+        requests["cpu"] = spec.resources.cpu
+    env = [
+        {"name": "HOME", "value": "/workspace"},
+        {"name": "HF_HOME", "value": "/workspace/hf"},
+        {"name": "KUBELORA_LORAJOB", "value": f"{meta.namespace}/{meta.name}"},
+        {"name": "KUBELORA_LORAJOB_UID", "value": meta.uid or ""},
+        {"name": "S3_SECURE", "value": "true" if config.s3_secure else "false"},
+        *_secret_env(lorajob),
+    ]
+    if config.default_s3_endpoint:
+        # Used by the trainer when the Secret has no `endpoint` key.
+        env.append({"name": "KUBELORA_DEFAULT_S3_ENDPOINT", "value": config.default_s3_endpoint})
+    tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if gpus else []
+    tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": config.trainer_uid,
+            "runAsGroup": config.trainer_uid,
+            "fsGroup": config.trainer_uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "tolerations": tolerations,
+        "containers": [
+            {
+                "name": "trainer",
+                "image": config.trainer_image,
+                "args": ["--spec", SPEC_PATH, "--workdir", "/workspace/run"],
+                "env": env,
+                "resources": {"limits": limits, "requests": requests},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [
+                    {"name": "spec", "mountPath": "/etc/kubelora", "readOnly": True},
+                    {"name": "workspace", "mountPath": "/workspace"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": [
+            {
+                "name": "spec",
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": "lorajob.json",
+                            "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"},
+                        }
+                    ]
+                },
+            },
+            {"name": "workspace", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {
+                "name": "dshm",
+                "emptyDir": {"medium": "Memory", "sizeLimit": _memory_to_shm(config.shm_size_per_gpu, gpus)},
+            },
+        ],
+    }
+    if spec.resources.gpu_type:
+        pod_spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [spec.resources.gpu_type]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        }
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.retries,
+        "completions": 1,
+        "parallelism": 1,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_CONFIG_ERROR]},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {"labels": labels, "annotations": {SPEC_ANNOTATION: spec_annotation(lorajob)}},
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(meta.name),
+            "namespace": meta.namespace,
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "LoRAJob",
+                    "name": meta.name,
+                    "uid": meta.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": job_spec,
+    }

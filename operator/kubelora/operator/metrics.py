@@ -1,0 +1,52 @@
+"""Prometheus metrics: LoRAJobs by phase, reconcile latency and GPU-seconds."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+PHASES = ("Pending", "Queued", "Training", "Evaluating", "Succeeded", "Failed")
+
+LORAJOBS_BY_PHASE = Gauge("kubelora_lorajobs", "LoRAJobs seen by this operator, by phase", ["phase"])
+RECONCILE_SECONDS = Histogram("kubelora_reconcile_duration_seconds", "Time spent in one LoRAJob reconcile")
+GPU_SECONDS = Counter("kubelora_gpu_seconds_total", "GPU-seconds used by training runs this operator watched")
+
+_lock = threading.Lock()
+_phase_by_job: dict[str, str] = {}
+_gpu_seconds_by_job: dict[str, float] = {}
+_server_started = False
+
+
+def observe_phase(key: str, phase: str, gpu_seconds: float | None = None) -> None:
+    with _lock:
+        _phase_by_job[key] = phase
+        if gpu_seconds is not None:
+            previous = _gpu_seconds_by_job.get(key, 0.0)
+            if gpu_seconds > previous:
+                GPU_SECONDS.inc(gpu_seconds - previous)
+                _gpu_seconds_by_job[key] = gpu_seconds
+        _refresh()
+
+
+def forget(key: str) -> None:
+    with _lock:
+        _phase_by_job.pop(key, None)
+        _gpu_seconds_by_job.pop(key, None)
+        _refresh()
+
+
+def _refresh() -> None:
+    counts = dict.fromkeys(PHASES, 0)
+    for phase in _phase_by_job.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase, count in counts.items():
+        LORAJOBS_BY_PHASE.labels(phase=phase).set(count)
+
+
+def serve(port: int) -> None:
+    global _server_started
+    with _lock:
+        if not _server_started:
+            start_http_server(port)
+            _server_started = True

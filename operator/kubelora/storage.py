@@ -1,0 +1,64 @@
+"""Object storage URIs and clients shared by the operator and the serving side (no torch here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    def child(self, name: str) -> S3Location:
+        prefix = self.key if not self.key or self.key.endswith("/") else self.key + "/"
+        return S3Location(self.bucket, prefix + name)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_s3(uri: str) -> S3Location:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"Not an s3:// URI: {uri!r}")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ValueError(f"No bucket in {uri!r}")
+    return S3Location(bucket, key)
+
+
+def make_client(endpoint: str, access_key: str, secret_key: str, secure: bool = False) -> Any:
+    from minio import Minio
+
+    host = endpoint.removeprefix("http://").removeprefix("https://")
+    return Minio(host, access_key=access_key, secret_key=secret_key, secure=secure or endpoint.startswith("https://"))
+
+
+def client_from_env(env: dict[str, str] | None = None) -> Any:
+    source = os.environ if env is None else env
+    return make_client(
+        source["S3_ENDPOINT"],
+        source["AWS_ACCESS_KEY_ID"],
+        source["AWS_SECRET_ACCESS_KEY"],
+        source.get("S3_SECURE", "false").lower() == "true",
+    )
+
+
+def read_json(client: Any, location: S3Location) -> Any | None:
+    """The JSON object at `location`, or None when it does not exist."""
+    from minio.error import S3Error
+
+    try:
+        response = client.get_object(location.bucket, location.key)
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchBucket"):
+            return None
+        raise
+    try:
+        return json.loads(response.read())
+    finally:
+        response.close()
+        response.release_conn()

@@ -1,0 +1,108 @@
+"""The trainer Job and the Job-to-phase mapping, as pure functions."""
+
+from __future__ import annotations
+
+import json
+
+from kubelora.api.v1alpha1 import LoRAJob
+from kubelora.operator.config import OperatorConfig
+from kubelora.operator.executors import observe_job
+from kubelora.operator.jobspec import SPEC_ANNOTATION, build_job, job_name
+
+
+def lorajob(**spec_overrides):
+    spec = {
+        "baseModel": {"uri": "s3://models/llama/", "secretRef": {"name": "minio-creds"}},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "method": "qlora",
+        "resources": {
+            "gpus": 2,
+            "gpuType": "NVIDIA-A100-SXM4-80GB",
+            "tolerations": [{"key": "team", "operator": "Exists"}],
+        },
+        "output": {"uri": "s3://adapters/x/", "secretRef": {"name": "minio-creds"}},
+        "retries": 3,
+        "activeDeadlineSeconds": 3600,
+    }
+    spec.update(spec_overrides)
+    return LoRAJob.model_validate(
+        {"metadata": {"name": "support", "namespace": "team-a", "uid": "u-1", "generation": 1}, "spec": spec}
+    )
+
+
+def test_job_requests_gpus_selects_product_and_tolerates_taints():
+    job = build_job(lorajob(), OperatorConfig(trainer_image="registry/trainer:1"))
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"] == [
+        {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-A100-SXM4-80GB"]}
+    ]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "team", "operator": "Exists"} in pod["tolerations"]
+    assert job["spec"]["backoffLimit"] == 3 and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def test_job_is_restricted_and_never_holds_a_secret_value():
+    job = build_job(lorajob(), OperatorConfig())
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "minio-creds", "key": "secretKey"}
+    assert "value" not in env["AWS_ACCESS_KEY_ID"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    spec = json.loads(job["spec"]["template"]["metadata"]["annotations"][SPEC_ANNOTATION])
+    assert spec["spec"]["method"] == "qlora"
+
+
+def test_job_name_is_deterministic_and_short():
+    assert job_name("support") == "support-train"
+    long_name = "x" * 63
+    assert job_name(long_name) == job_name(long_name) and len(job_name(long_name)) <= 63
+
+
+def test_observe_job_maps_pod_and_job_conditions():
+    job = {"metadata": {"name": "support-train"}, "status": {}}
+    unschedulable = {
+        "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+                }
+            ],
+        },
+    }
+    queued = observe_job(job, [unschedulable])
+    assert queued.state == "Queued" and "Insufficient nvidia.com/gpu" in queued.message
+    failed = {
+        "metadata": {"name": "support-train"},
+        "status": {
+            "failed": 3,
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded",
+                    "message": "Job has reached the specified backoff limit",
+                }
+            ],
+        },
+    }
+    observed = observe_job(failed, [])
+    assert observed.state == "Failed" and observed.reason == "BackoffLimitExceeded" and observed.attempts == 3
+    assert observe_job(None, []).state == "NotStarted"
