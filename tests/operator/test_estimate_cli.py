@@ -31,7 +31,9 @@ def peft_trainable(config: dict, rank: int, targets: list[str], use_dora: bool) 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     target = "all-linear" if targets == ["all-linear"] else targets
-    peft_model = get_peft_model(model, LoraConfig(r=rank, target_modules=target, use_dora=use_dora, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, target_modules=target, use_dora=use_dora, task_type="CAUSAL_LM")
+    )
     trainable, _ = peft_model.get_nb_trainable_parameters()
     return int(trainable)
 
@@ -59,7 +61,16 @@ def test_estimate_matches_peft_on_a_meta_device_model(tmp_path, method, rank, ta
     }
     manifest_path = tmp_path / "job.yaml"
     manifest_path.write_text(yaml.safe_dump(manifest))
-    command = [sys.executable, "-m", "kubelora.cli", "estimate", str(manifest_path), "--model-config", str(config_path), "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "kubelora.cli",
+        "estimate",
+        str(manifest_path),
+        "--model-config",
+        str(config_path),
+        "--json",
+    ]
     result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
     assert result["trainableParameters"] == peft_trainable(LLAMA_3_8B, rank, targets, method == "dora")
     assert result["costEstimate"].endswith(" USD") and result["gpuHours"] > 0
@@ -68,6 +79,19 @@ def test_estimate_matches_peft_on_a_meta_device_model(tmp_path, method, rank, ta
 
 def test_estimate_names_the_bad_field(tmp_path):
     manifest_path = tmp_path / "job.yaml"
-    manifest_path.write_text(yaml.safe_dump({"spec": {"baseModel": {"uri": "s3://m/"}, "dataset": {"train": "s3://d"}, "output": {"uri": "s3://o/"}, "lora": {"rank": 0}}}))
-    result = subprocess.run([sys.executable, "-m", "kubelora.cli", "estimate", str(manifest_path)], capture_output=True, text=True)
+    manifest_path.write_text(
+        yaml.safe_dump(
+            {
+                "spec": {
+                    "baseModel": {"uri": "s3://m/"},
+                    "dataset": {"train": "s3://d"},
+                    "output": {"uri": "s3://o/"},
+                    "lora": {"rank": 0},
+                }
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "kubelora.cli", "estimate", str(manifest_path)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "rank" in result.stderr

@@ -41,7 +41,9 @@ def read_model_config(uri: str, credentials: dict[str, str]) -> dict[str, Any] |
     return None  # hf:// needs the hub; the trainer reports its own estimate at run time
 
 
-def estimate_spec(spec: LoRAJobSpec, model_config: dict[str, Any], config: OperatorConfig | None = None) -> dict[str, Any]:
+def estimate_spec(
+    spec: LoRAJobSpec, model_config: dict[str, Any], config: OperatorConfig | None = None
+) -> dict[str, Any]:
     config = config or OperatorConfig()
     result = estimator.estimate_for_spec(model_config, spec).to_dict()
     gpu_hours = result.get("gpuHours")
@@ -74,7 +76,9 @@ def estimate_manifest(manifest: Path, model_config_path: Path | None = None) -> 
     else:
         found = read_model_config(spec.base_model.uri, dict(os.environ))
         if found is None:
-            raise ValueError(f"spec.baseModel.uri: cannot read config.json from {spec.base_model.uri}; pass --model-config")
+            raise ValueError(
+                f"spec.baseModel.uri: cannot read config.json from {spec.base_model.uri}; pass --model-config"
+            )
         model_config = found
     return estimate_spec(spec, model_config)
 
