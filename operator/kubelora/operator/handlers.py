@@ -16,6 +16,7 @@ from kubelora.api.v1alpha1 import GROUP, VERSION, LoRAJob
 from kubelora.operator import lorajobs, metrics
 from kubelora.operator.conditions import now, set_condition
 from kubelora.operator.config import OperatorConfig
+from kubelora.operator.estimates import estimate_for_lorajob
 from kubelora.operator.executors import JobExecutor, LocalExecutor
 from kubelora.operator.jobspec import LORAJOB_LABEL
 
@@ -33,7 +34,7 @@ def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -
     )
     settings.persistence.finalizer = "kubelora.dev/cleanup"
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = int(os.environ.get("KUBELORA_WORKERS", "8"))
+    settings.execution.max_workers = int(os.environ.get("KUBELORA_WORKERS", "16"))
     settings.watching.server_timeout = 300
     settings.batching.worker_limit = 1000
     config_path = os.environ.get("KUBELORA_CONFIG")
@@ -135,7 +136,7 @@ def reconcile_lorajob(
     if read_progress:
         memo.progress_read_at[key] = time.monotonic()
     new_status, events = lorajobs.reconcile(
-        lorajob, old_status, memo.executor, memo.cluster, memo.config, _estimator(), read_progress=read_progress
+        lorajob, old_status, memo.executor, memo.cluster, memo.config, _cached_estimate, read_progress=read_progress
     )
     if new_status is not None:
         for field, value in new_status.items():
@@ -173,9 +174,23 @@ def forget_lorajob(body: kopf.Body, memo: Any, **_: Any) -> None:
     metrics.forget(key)
 
 
-def _estimator() -> Any:
+_estimate_cache: dict[tuple[str, str], tuple[float, Any]] = {}
+ESTIMATE_CACHE_SECONDS = 300.0
+
+
+def _cached_estimate(lorajob: LoRAJob, credentials: dict[str, str]) -> Any:
+    """The memory estimate, cached per base model and job shape: 1,000 jobs on one base read config.json once."""
+    spec = lorajob.spec
+    key = (spec.base_model.uri, spec.model_dump_json(include={"method", "lora", "training", "resources"}))
+    hit = _estimate_cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] < ESTIMATE_CACHE_SECONDS:
+        if isinstance(hit[1], Exception):
+            raise hit[1]
+        return hit[1]
     try:
-        from kubelora.operator.estimates import estimate_for_lorajob
-    except ImportError:
-        return None
-    return estimate_for_lorajob
+        value: Any = estimate_for_lorajob(lorajob, credentials)
+    except Exception as exc:
+        _estimate_cache[key] = (time.monotonic(), exc)
+        raise
+    _estimate_cache[key] = (time.monotonic(), value)
+    return value

@@ -25,6 +25,10 @@ def run(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    if os.environ.get("KUBELORA_COUNT_API_REQUESTS"):
+        from kubelora.operator.metrics import instrument_api_clients
+
+        instrument_api_clients()
     import kubelora.operator.handlers  # noqa: F401 - registers the handlers
 
     kopf.run(

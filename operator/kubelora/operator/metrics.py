@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -50,3 +51,29 @@ def serve(port: int) -> None:
         if not _server_started:
             start_http_server(port)
             _server_started = True
+
+
+API_REQUESTS = Counter(
+    "kubelora_api_requests_total", "HTTP requests this process sent to the API server", ["client", "method"]
+)
+
+
+def instrument_api_clients() -> None:
+    """Count every request kopf (aiohttp) and the kubernetes client (urllib3) send; for benchmarks."""
+    import aiohttp
+    import urllib3
+
+    original_request = aiohttp.ClientSession._request
+
+    async def counted_request(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        API_REQUESTS.labels(client="kopf", method=method.upper()).inc()
+        return await original_request(self, method, *args, **kwargs)
+
+    aiohttp.ClientSession._request = counted_request  # type: ignore[method-assign]
+    original_urlopen = urllib3.connectionpool.HTTPConnectionPool.urlopen
+
+    def counted_urlopen(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        API_REQUESTS.labels(client="kubernetes", method=method.upper()).inc()
+        return original_urlopen(self, method, *args, **kwargs)
+
+    urllib3.connectionpool.HTTPConnectionPool.urlopen = counted_urlopen  # type: ignore[method-assign]

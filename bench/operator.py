@@ -1,0 +1,193 @@
+"""Benchmark: 1,000 LoRAJobs applied at once against the kwok cluster; prints JSON.
+
+Measures the time until every LoRAJob has its Job, p50/p99 latency from a LoRAJob appearing
+to its Job appearing (both seen through watches), the operator's peak RSS and the API requests
+it sent per LoRAJob. The baseline, in the same run, is the time the API server takes to create
+the same number of Jobs directly (no operator): `ratio` = operator time / baseline time.
+
+Usage: python bench/operator.py [--count 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.operator.harness import OperatorProcess, install_crds, lorajob_manifest  # noqa: E402
+
+from kubelora.devenv import cluster  # noqa: E402
+
+
+def watch_added(
+    api_client, namespace: str, kind: str, seen: dict[str, float], label: str | None, stop: threading.Event
+) -> None:
+    from kubernetes import client, watch
+
+    batch, custom = client.BatchV1Api(api_client), client.CustomObjectsApi(api_client)
+    while not stop.is_set():
+        w = watch.Watch()
+        if kind == "jobs":
+            stream = w.stream(batch.list_namespaced_job, namespace, timeout_seconds=5)
+        else:
+            stream = w.stream(
+                custom.list_namespaced_custom_object,
+                "kubelora.dev",
+                "v1alpha1",
+                namespace,
+                "lorajobs",
+                timeout_seconds=5,
+            )
+        for event in stream:
+            obj = event["object"]
+            meta = obj.metadata if hasattr(obj, "metadata") else None
+            name = meta.name if meta is not None else obj["metadata"]["name"]
+            if label and meta is not None:
+                name = (meta.labels or {}).get(label, name)
+            seen.setdefault(name, time.monotonic())
+            if stop.is_set():
+                break
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def create_all(api_client, namespace: str, bodies: list[dict], create) -> float:
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(create, bodies))
+    return time.monotonic() - started
+
+
+def baseline(api_client, env: cluster.DevEnv, count: int) -> float:
+    """Create `count` plain Jobs directly and wait until all exist: what the API server alone takes."""
+    from kubernetes import client
+
+    namespace = f"bench-base-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl(env, "create", "namespace", namespace)
+    batch = client.BatchV1Api(api_client)
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "spec": {
+            "suspend": True,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}},
+        },
+    }
+    bodies = [dict(job, metadata={"name": f"job-{i:04d}"}) for i in range(count)]
+    elapsed = create_all(api_client, namespace, bodies, lambda b: batch.create_namespaced_job(namespace, b))
+    cluster.kubectl(env, "delete", "namespace", namespace, "--wait=false")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    from kubernetes import client, config
+
+    env = cluster.load() or cluster.up()
+    install_crds(env)
+    api_client = config.new_client_from_config(config_file=str(env.kubeconfig))
+    api_client.configuration.connection_pool_maxsize = 16
+    base_seconds = baseline(api_client, env, args.count)
+
+    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl(env, "create", "namespace", namespace)
+    cluster.kubectl(
+        env, "create", "secret", "generic", "minio-creds", "-n", namespace,
+        f"--from-literal=accessKey={env.minio_access_key}", f"--from-literal=secretKey={env.minio_secret_key}",
+    )  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="kubelora-bench-"))
+    import os
+
+    os.environ["KUBELORA_COUNT_API_REQUESTS"] = "1"
+    os.environ["KUBELORA_RECONCILE_INTERVAL"] = "10"
+    operator = OperatorProcess(env, namespace, workdir)
+    operator.start()
+    process = psutil.Process(operator.process.pid)
+    requests_before = api_requests(operator.metrics())
+
+    stop = threading.Event()
+    lorajob_seen: dict[str, float] = {}
+    job_seen: dict[str, float] = {}
+    watchers = [
+        threading.Thread(
+            target=watch_added, args=(api_client, namespace, "lorajobs", lorajob_seen, None, stop), daemon=True
+        ),
+        threading.Thread(
+            target=watch_added,
+            args=(api_client, namespace, "jobs", job_seen, "kubelora.dev/lorajob", stop),
+            daemon=True,
+        ),
+    ]
+    for watcher in watchers:
+        watcher.start()
+    peak_rss = [process.memory_info().rss]
+
+    def sample_rss() -> None:
+        while not stop.is_set():
+            peak_rss[0] = max(peak_rss[0], process.memory_info().rss)
+            stop.wait(0.2)
+
+    threading.Thread(target=sample_rss, daemon=True).start()
+    custom = client.CustomObjectsApi(api_client)
+    bodies = [lorajob_manifest(f"job-{i:04d}", "bench", resources={"gpus": 0}) for i in range(args.count)]
+    started = time.monotonic()
+    create_seconds = create_all(
+        api_client,
+        namespace,
+        bodies,
+        lambda b: custom.create_namespaced_custom_object("kubelora.dev", "v1alpha1", namespace, "lorajobs", b),
+    )
+    deadline = started + args.timeout
+    while len(job_seen) < args.count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    all_jobs_seconds = time.monotonic() - started
+    requests_after = api_requests(operator.metrics())
+    stop.set()
+    latencies = [job_seen[n] - lorajob_seen[n] for n in job_seen if n in lorajob_seen]
+    result = {
+        "benchmark": "operator",
+        "lorajobs": args.count,
+        "jobs_created": len(job_seen),
+        "seconds_to_all_jobs": round(all_jobs_seconds, 2),
+        "seconds_to_create_lorajobs": round(create_seconds, 2),
+        "latency_p50_seconds": round(percentile(latencies, 0.5), 3) if latencies else None,
+        "latency_p99_seconds": round(percentile(latencies, 0.99), 3) if latencies else None,
+        "operator_peak_rss_mb": round(peak_rss[0] / 2**20, 1),
+        "api_requests_per_lorajob": round((requests_after - requests_before) / args.count, 2),
+        "baseline_seconds_direct_job_creation": round(base_seconds, 2),
+        "ratio_vs_direct_job_creation": round(all_jobs_seconds / base_seconds, 2),
+        "goal": {"all_jobs_within_seconds": 60, "rss_under_mb": 300},
+    }
+    operator.kill()
+    cluster.kubectl(env, "delete", "namespace", namespace, "--wait=false")
+    print(json.dumps(result, indent=2))
+    return 0 if len(job_seen) == args.count else 1
+
+
+def api_requests(metrics_text: str) -> float:
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("kubelora_api_requests_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+if __name__ == "__main__":
+    sys.exit(main())
