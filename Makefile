@@ -41,7 +41,10 @@ dev-status: ## Show the local environment
 	$(PY) -m kubelora.devenv status
 
 crds: venv ## Regenerate crds/ and docs/api-reference.md from the API models
-	$(PY) -m kubelora.api.crdgen --out crds
+	$(PY) -m kubelora.api.crdgen --out crds --docs docs/api-reference.md
+
+check-crds: venv ## Fail when crds/ or docs/api-reference.md are stale
+	$(PY) -m kubelora.api.crdgen --out crds --docs docs/api-reference.md --check
 
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check operator trainer tests bench

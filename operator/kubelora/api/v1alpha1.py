@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from kubelora.api.cel import IMMUTABLE_KEY, VALIDATIONS_KEY, Rule, immutable
 
 __all__ = [
+    "ALWAYS_COMPUTED_METRICS",
     "API_VERSION",
     "GROUP",
     "VERSION",
@@ -229,7 +230,8 @@ class LoRAConfig(Model):
 
     cel_rules = (
         Rule(
-            cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+            # The API server also checks `default: {}` against this rule, before nested defaults: hence has().
+            cel="!has(self.targetModules) || !('all-linear' in self.targetModules) || size(self.targetModules) == 1",
             message="spec.lora.targetModules: all-linear cannot be combined with module names",
             check=lambda c: "all-linear" not in c.target_modules or len(c.target_modules) == 1,
             field_path=".targetModules",
@@ -582,6 +584,11 @@ class LoRAJobStatus(Model):
     completion_time: str | None = Field(default=None, description="RFC 3339 time the job finished")
     gpu_seconds: float | None = Field(default=None, description="GPU time used by all attempts")
     cost_estimate: str | None = Field(default=None, description="Estimated cost, e.g. 12.40 USD")
+    estimate: dict[str, Any] | None = Field(
+        default=None,
+        description="Preflight estimate of memory, GPU-hours and cost (kubelora.trainer.estimate, camelCase keys); "
+        "free-form, may change between versions",
+    )
     kopf: dict[str, Any] | None = Field(
         default=None, exclude=True, description="kopf's own bookkeeping; not part of the API"
     )
