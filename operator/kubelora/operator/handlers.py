@@ -40,9 +40,9 @@ def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -
     config_path = os.environ.get("KUBELORA_CONFIG")
     memo.config = OperatorConfig.load(Path(config_path) if config_path else None)
     try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+        config.load_kube_config()
     memo.api_client = client.ApiClient()
     memo.api_client.configuration.connection_pool_maxsize = 32
     memo.cluster = lorajobs.Cluster(memo.api_client)
