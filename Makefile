@@ -42,9 +42,11 @@ dev-status: ## Show the local environment
 
 crds: venv ## Regenerate crds/ and docs/api-reference.md from the API models
 	$(PY) -m kubelora.api.crdgen --out crds --docs docs/api-reference.md
+	$(PY) helm/kubelora/sync-crds.py
 
 check-crds: venv ## Fail when crds/ or docs/api-reference.md are stale
 	$(PY) -m kubelora.api.crdgen --out crds --docs docs/api-reference.md --check
+	$(PY) helm/kubelora/sync-crds.py --check
 
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check operator trainer tests bench

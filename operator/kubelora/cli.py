@@ -22,12 +22,13 @@ def operator(
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
     health_port: Annotated[int | None, typer.Option(help="Serve /healthz on this port")] = None,
     peering: Annotated[str | None, typer.Option(help="kopf peering name: one active replica, others stand by")] = None,
+    priority: Annotated[int | None, typer.Option(help="kopf peering priority (random when --peering is given)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the operator."""
     from kubelora.operator.main import run
 
-    run(namespace or [], all_namespaces, config, metrics_port, health_port, peering, verbose)
+    run(namespace or [], all_namespaces, config, metrics_port, health_port, peering, verbose, priority)
 
 
 @app.command()

@@ -223,7 +223,7 @@ def gpu_node(pool: GPUPool, index: int) -> dict[str, Any]:
 
 
 def cpu_node(name: str = "cpu-0") -> dict[str, Any]:
-    resources = {"cpu": "32", "memory": "128Gi", "pods": "110"}
+    resources = {"cpu": "256", "memory": "1Ti", "pods": "2000"}  # room for the 1,000-job benchmark
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -418,7 +418,7 @@ def describe(env: DevEnv) -> str:
         "-L",
         "nvidia.com/gpu.product,nvidia.com/gpu.count",
         "-o",
-        "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type==\"Ready\")].status,"
+        'custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,'
         "GPUS:.status.allocatable.nvidia\\.com/gpu,PRODUCT:.metadata.labels.nvidia\\.com/gpu\\.product",
     ).stdout
     return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -20,12 +21,14 @@ from kubelora.operator.estimates import estimate_for_lorajob
 from kubelora.operator.executors import JobExecutor, LocalExecutor
 from kubelora.operator.jobspec import LORAJOB_LABEL
 
-RECONCILE_INTERVAL = float(os.environ.get("KUBELORA_RECONCILE_INTERVAL", "3"))
+# A safety net and the progress poll; Job and pod changes are seen through kopf's indexes on the next pass.
+RECONCILE_INTERVAL = float(os.environ.get("KUBELORA_RECONCILE_INTERVAL", "10"))
 LORAJOBS = (GROUP, VERSION, "lorajobs")
+log = logging.getLogger("kubelora.lorajob")
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
     from kubernetes import client, config
 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubelora.dev")
@@ -37,20 +40,31 @@ def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -
     settings.execution.max_workers = int(os.environ.get("KUBELORA_WORKERS", "16"))
     settings.watching.server_timeout = 300
     settings.batching.worker_limit = 1000
+    if os.environ.get("KUBELORA_NAMESPACED"):
+        # A namespaced operator may not list namespaces; don't spend a minute learning that.
+        settings.scanning.disabled = True
     config_path = os.environ.get("KUBELORA_CONFIG")
     memo.config = OperatorConfig.load(Path(config_path) if config_path else None)
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    memo.api_client = client.ApiClient()
-    memo.api_client.configuration.connection_pool_maxsize = 32
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = (settings.execution.max_workers or 16) + 4
+    memo.api_client = client.ApiClient(configuration)
     memo.cluster = lorajobs.Cluster(memo.api_client)
     if memo.config.executor == "local":
         memo.executor = LocalExecutor(memo.config)
     else:
         memo.executor = JobExecutor(memo.api_client, memo.config)
     memo.progress_read_at = {}
+    memo.started_runs = set()  # uids whose run this process started, until the Job shows in the index
+    memo.lorajobs = {}
+    memo.workers = settings.execution.max_workers or 16
+    memo.resync_task = asyncio.get_running_loop().create_task(resync_loop(memo))
+    # kopf logs every handler run at INFO; at a thousand objects that drowns the phase changes.
+    if not os.environ.get("KUBELORA_VERBOSE"):
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics_port = os.environ.get("KUBELORA_METRICS_PORT")
     if metrics_port:
         metrics.serve(int(metrics_port))
@@ -59,6 +73,9 @@ def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -
 
 @kopf.on.cleanup()
 def cleanup(memo: Any, **_: Any) -> None:
+    task = getattr(memo, "resync_task", None)
+    if task is not None:
+        task.cancel()
     api_client = getattr(memo, "api_client", None)
     if api_client is not None:
         api_client.close()
@@ -91,86 +108,162 @@ def _post(body: kopf.Body, events: list[lorajobs.Event]) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
-@kopf.on.create(*LORAJOBS)
-@kopf.on.update(*LORAJOBS, field="spec")
-@kopf.on.resume(*LORAJOBS)
-@kopf.timer(
-    *LORAJOBS,
-    interval=RECONCILE_INTERVAL,
-    initial_delay=RECONCILE_INTERVAL,
-    when=lambda status, meta, **_: lorajobs.needs_reconcile(dict(status), meta.get("generation")),
-)
-def reconcile_lorajob(
-    body: kopf.Body,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: Any,
-    logger: Any,
-    **kwargs: Any,
-) -> None:
+def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch from `old` to `new` status: changed fields, and None for removed ones."""
+    patch = {field: value for field, value in new.items() if old.get(field) != value}
+    patch.update({field: None for field in old if field not in new and field != "kopf"})
+    return patch
+
+
+def reconcile_body(body: Any, memo: Any) -> tuple[dict[str, Any] | None, list[lorajobs.Event]]:
+    """One reconcile of a LoRAJob body: the status merge patch to write (None: nothing) and events."""
     started = time.monotonic()
-    if isinstance(memo.executor, JobExecutor):
-        # kopf passes each index as a keyword named after its function.
-        memo.executor.bind(kwargs["training_jobs"], kwargs["training_pods"])
-    old_status = dict(status)
+    old_status = dict(body.get("status") or {})
+    metadata = body.get("metadata") or {}
     try:
         lorajob = _parse(body)
     except ValidationError as exc:
         # The CRD should have rejected this; never crash-loop on one bad object.
         message = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:1024]
-        if old_status.get("phase") != "Failed" or old_status.get("message") != message:
-            conditions = set_condition(
-                list(old_status.get("conditions", [])),
-                "Ready",
-                False,
-                "InvalidSpec",
-                message,
-                body.metadata.get("generation"),
-            )
-            patch.status.update(phase="Failed", message=message, conditions=conditions, completionTime=now())
-            kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
-        return
+        if old_status.get("phase") == "Failed" and old_status.get("message") == message:
+            return None, []
+        conditions = set_condition(
+            list(old_status.get("conditions", [])), "Ready", False, "InvalidSpec", message, metadata.get("generation")
+        )
+        patch = {"phase": "Failed", "message": message, "conditions": conditions, "completionTime": now()}
+        return patch, [lorajobs.Event("Warning", "InvalidSpec", message)]
     key = lorajob.metadata.uid or lorajob.metadata.name
     last_read = memo.progress_read_at.get(key, 0.0)
     read_progress = time.monotonic() - last_read >= memo.config.progress_interval_seconds
     if read_progress:
         memo.progress_read_at[key] = time.monotonic()
     new_status, events = lorajobs.reconcile(
-        lorajob, old_status, memo.executor, memo.cluster, memo.config, _cached_estimate, read_progress=read_progress
+        lorajob,
+        old_status,
+        memo.executor,
+        memo.cluster,
+        memo.config,
+        _cached_estimate,
+        read_progress=read_progress,
+        started_runs=memo.started_runs,
     )
-    if new_status is not None:
-        for field, value in new_status.items():
-            if old_status.get(field) != value:
-                patch.status[field] = value
-        for field in old_status:
-            if field not in new_status and field != "kopf":
-                patch.status[field] = None
-        metrics.observe_phase(key, new_status.get("phase", "Pending"), new_status.get("gpuSeconds"))
-        if new_status.get("phase") != old_status.get("phase"):
-            logger.info(
-                "Phase changed lorajob=%s phase=%s reason=%s",
-                lorajob.metadata.name,
-                new_status.get("phase"),
-                new_status.get("message"),
-            )
-    _post(body, events)
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    if new_status is None:
+        return None, events
+    metrics.observe_phase(key, new_status.get("phase", "Pending"), new_status.get("gpuSeconds"))
+    if new_status.get("phase") != old_status.get("phase"):
+        log.info(
+            "Phase changed lorajob=%s/%s phase=%s message=%r",
+            lorajob.metadata.namespace,
+            lorajob.metadata.name,
+            new_status.get("phase"),
+            new_status.get("message"),
+        )
+    return _status_patch(old_status, new_status), events
 
 
-@kopf.on.delete(
-    *LORAJOBS,
-    when=lambda memo, **_: getattr(memo, "executor", None) is not None and isinstance(memo.executor, LocalExecutor),
-)
-def cancel_local_run(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
-    """Jobs go with their owner; a local process is outside the cluster and needs stopping."""
-    memo.executor.cancel(_parse(body))
-    logger.info("Cancelled local run lorajob=%s", body.metadata.name)
+@kopf.on.create(*LORAJOBS)
+@kopf.on.update(*LORAJOBS, field="spec")
+@kopf.on.resume(*LORAJOBS)
+def reconcile_lorajob(body: kopf.Body, patch: kopf.Patch, memo: Any, **kwargs: Any) -> None:
+    if isinstance(memo.executor, JobExecutor):
+        # kopf passes each index as a keyword named after its function.
+        memo.executor.bind(kwargs["training_jobs"], kwargs["training_pods"])
+    status_patch, events = reconcile_body(body, memo)
+    for field, value in (status_patch or {}).items():
+        patch.status[field] = value
+    _post(body, events)
 
 
+@kopf.on.event(*LORAJOBS)
+def remember_lorajob(event: Any, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """The latest body of every LoRAJob, for the resync loop (no per-object timers: they need finalizers)."""
+    key = (body.metadata.get("namespace"), body.metadata.get("name"))
+    if event.get("type") == "DELETED":
+        memo.lorajobs.pop(key, None)
+    else:
+        memo.lorajobs[key] = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+
+
+def resync_one(body: dict[str, Any], memo: Any) -> None:
+    """Reconcile one LoRAJob outside a kopf handler: write status and events through the API."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    status_patch, events = reconcile_body(body, memo)
+    meta = body["metadata"]
+    try:
+        if status_patch:
+            client.CustomObjectsApi(memo.api_client).patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], "lorajobs", meta["name"], {"status": status_patch}
+            )
+        for event in events:
+            post_event(memo.api_client, body, event)
+    except ApiException as exc:
+        if exc.status != 404:  # deleted meanwhile
+            raise
+
+
+def post_event(api_client: Any, body: dict[str, Any], event: lorajobs.Event) -> None:
+    from kubernetes import client
+
+    meta = body["metadata"]
+    timestamp = now()
+    manifest: Any = {
+        "metadata": {"generateName": f"{meta['name']}."},
+        "involvedObject": {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "LoRAJob",
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "source": {"component": "kubelora"},
+        "reportingComponent": "kubelora",
+        "firstTimestamp": timestamp,
+        "lastTimestamp": timestamp,
+        "count": 1,
+    }
+    client.CoreV1Api(api_client).create_namespaced_event(meta["namespace"], manifest)
+
+
+async def resync_loop(memo: Any) -> None:
+    """Every RECONCILE_INTERVAL, reconcile each unfinished LoRAJob: Job and pod changes, progress, cost."""
+    limit = asyncio.Semaphore(memo.workers)
+
+    async def one(body: dict[str, Any]) -> None:
+        async with limit:
+            try:
+                await asyncio.to_thread(resync_one, body, memo)
+            except Exception:
+                log.exception(
+                    "Resync failed lorajob=%s/%s", body["metadata"].get("namespace"), body["metadata"].get("name")
+                )
+
+    while True:
+        await asyncio.sleep(RECONCILE_INTERVAL)
+        due = [
+            body
+            for body in list(memo.lorajobs.values())
+            if lorajobs.needs_reconcile(body.get("status"), body["metadata"].get("generation"))
+            and not body["metadata"].get("deletionTimestamp")
+        ]
+        await asyncio.gather(*(one(body) for body in due))
+
+
+# optional: no finalizer. A Job goes with its owner through garbage collection; a local run is a
+# development convenience, stopped when the operator sees the deletion.
 @kopf.on.delete(*LORAJOBS, optional=True)
-def forget_lorajob(body: kopf.Body, memo: Any, **_: Any) -> None:
+def forget_lorajob(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+    if isinstance(memo.executor, LocalExecutor):
+        memo.executor.cancel(_parse(body))
+        logger.info("Cancelled local run lorajob=%s", body.metadata.name)
     key = body.metadata.get("uid") or body.metadata.name
     memo.progress_read_at.pop(key, None)
+    memo.started_runs.discard(key)
     metrics.forget(key)
 
 

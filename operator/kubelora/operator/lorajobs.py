@@ -319,16 +319,25 @@ def reconcile(
     config: OperatorConfig,
     estimate_memory: Callable[[LoRAJob, dict[str, str]], dict[str, Any] | None] | None = None,
     read_progress: bool = True,
+    started_runs: set[str] | None = None,
 ) -> tuple[dict[str, Any] | None, list[Event]]:
     """One level-based pass over `lorajob` with status `old`. Returns the status to write (None: unchanged)."""
     if not needs_reconcile(old, lorajob.metadata.generation):
         return None, []
     check: Preflight | None = None
     observation = executor.observe(lorajob, {}, read_progress=False)
+    run_key = lorajob.metadata.uid or lorajob.metadata.name
+    if observation.state == "NotStarted" and started_runs is not None and run_key in started_runs:
+        # Started moments ago; the watch has not shown the Job yet. Creating it again would only get a 409.
+        return None, []
+    if observation.state != "NotStarted" and started_runs is not None:
+        started_runs.discard(run_key)
     if observation.state == "NotStarted":
         check = preflight(lorajob, cluster, config, estimate_memory)
         if not (check.blocking or check.fatal):
             run_name = executor.start(lorajob, check.credentials)
+            if started_runs is not None:
+                started_runs.add(run_key)
             observation = executor.observe(lorajob, check.credentials, read_progress=False)
             observation.run_name = observation.run_name or run_name
             logger.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 import kopf
@@ -17,6 +18,7 @@ def run(
     health_port: int | None,
     peering: str | None,
     verbose: bool = False,
+    priority: int | None = None,
 ) -> None:
     if config is not None:
         os.environ["KUBELORA_CONFIG"] = str(config)
@@ -25,16 +27,43 @@ def run(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    if verbose:
+        os.environ["KUBELORA_VERBOSE"] = "1"
+    _limit_malloc_arenas()
     if os.environ.get("KUBELORA_COUNT_API_REQUESTS"):
         from kubelora.operator.metrics import instrument_api_clients
 
         instrument_api_clients()
-    import kubelora.operator.handlers  # noqa: F401 - registers the handlers
+    # Importing the modules registers their handlers with kopf.
+    import kubelora.operator.adapter_handlers
+    import kubelora.operator.handlers  # noqa: F401
 
+    if namespaces and not all_namespaces:
+        os.environ["KUBELORA_NAMESPACED"] = "1"
+    if peering is not None and priority is None:
+        # kopf pauses every peer of equal priority; distinct priorities let one run and the rest stand by.
+        priority = secrets.randbelow(1_000_000)
     kopf.run(
+        priority=priority,
         clusterwide=all_namespaces or not namespaces,
         namespaces=namespaces,
         standalone=peering is None,
         peering_name=peering,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
     )
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread its own heap arena; with a handler thread pool that bloats RSS."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        m_arena_max = -8
+        libc.mallopt(m_arena_max, arenas)
+    except (OSError, AttributeError):
+        return
