@@ -37,28 +37,30 @@ The namespace of the release's own objects.
 {{- end }}
 
 {{/*
-Labels every object of the release carries, without a component.
+Labels every object of the release carries, without a component. The chart's own labels win over
+global.commonLabels, so that selectors keep matching.
 */}}
 {{- define "kubelora.commonLabels" -}}
-helm.sh/chart: {{ include "kubelora.chart" . }}
-app.kubernetes.io/name: {{ include "kubelora.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+{{- $labels := dict
+  "helm.sh/chart" (include "kubelora.chart" .)
+  "app.kubernetes.io/name" (include "kubelora.name" .)
+  "app.kubernetes.io/instance" .Release.Name
+  "app.kubernetes.io/managed-by" .Release.Service
+  "app.kubernetes.io/part-of" "kubelora"
+}}
 {{- if .Chart.AppVersion }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- $_ := set $labels "app.kubernetes.io/version" .Chart.AppVersion }}
 {{- end }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: kubelora
-{{- with .Values.global.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{- toYaml (merge $labels (deepCopy .Values.global.commonLabels)) }}
 {{- end }}
 
 {{/*
 Labels of the operator's objects.
 */}}
 {{- define "kubelora.labels" -}}
-{{ include "kubelora.commonLabels" . }}
-app.kubernetes.io/component: operator
+{{- $labels := include "kubelora.commonLabels" . | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" "operator" }}
+{{- toYaml $labels }}
 {{- end }}
 
 {{/*
@@ -122,8 +124,9 @@ app.kubernetes.io/component: minio
 {{- end }}
 
 {{- define "kubelora.minio.labels" -}}
-{{ include "kubelora.commonLabels" . }}
-app.kubernetes.io/component: minio
+{{- $labels := include "kubelora.commonLabels" . | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" "minio" }}
+{{- toYaml $labels }}
 {{- end }}
 
 {{- define "kubelora.minio.secretName" -}}
@@ -139,6 +142,13 @@ The S3 endpoint the operator and the trainers use by default: the chart's MinIO,
 {{- else }}
 {{- .Values.s3.endpoint }}
 {{- end }}
+{{- end }}
+
+{{/*
+"true" when the S3 endpoint needs TLS: s3.secure, or an https:// endpoint. The chart's MinIO has none.
+*/}}
+{{- define "kubelora.s3Secure" -}}
+{{- if and (not .Values.minio.enabled) (or .Values.s3.secure (hasPrefix "https://" .Values.s3.endpoint)) }}true{{ else }}false{{ end }}
 {{- end }}
 
 {{/*

@@ -12,11 +12,10 @@ import yaml
 from pydantic import ValidationError
 
 from kubelora.api.v1alpha1 import LoRAJobSpec
-from kubelora.trainer.errors import InvalidSpec, RankTooLarge
+from kubelora.trainer.errors import InvalidSpecError, RankTooLargeError
 
 #: Largest LoRA rank the trainer accepts; ``KUBELORA_MAX_LORA_RANK`` lowers it (e.g. to the serving limit).
 DEFAULT_MAX_RANK = 512
-GENERATION_METRICS = frozenset({"exact_match", "f1", "accuracy", "json_valid", "json_match"})
 
 
 @dataclasses.dataclass
@@ -66,23 +65,29 @@ def read_document(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise InvalidSpec(f"Cannot read spec file {path}: {e.strerror or e}") from e
+        raise InvalidSpecError(f"Cannot read spec file {path}: {e.strerror or e}") from e
     try:
         doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise InvalidSpec(f"{path}: not valid YAML or JSON: {e}") from e
+        raise InvalidSpecError(f"{path}: not valid YAML or JSON: {e}") from e
     if not isinstance(doc, dict):
-        raise InvalidSpec(f"{path}: expected a LoRAJob manifest or a spec mapping, got {type(doc).__name__}")
+        raise InvalidSpecError(f"{path}: expected a LoRAJob manifest or a spec mapping, got {type(doc).__name__}")
     return doc
 
 
 def _format_validation_error(err: ValidationError) -> str:
+    """The API's messages: rule violations as written, field errors as ``spec.<path>: <problem>``."""
     parts = []
-    for item in err.errors()[:5]:
-        loc = ".".join(str(p) for p in item.get("loc", ())) or "spec"
-        parts.append(f"spec.{loc}: {item.get('msg')}")
-    more = len(err.errors()) - 5
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+    for item in err.errors(include_url=False):
+        if item["type"] == "kubelora_rule":
+            parts.append(str(item["msg"]))
+            continue
+        loc = "spec"
+        for p in item.get("loc", ()):
+            loc += f"[{p}]" if isinstance(p, int) else f".{p}"
+        parts.append(f"{loc}: {item.get('msg')}")
+    more = len(parts) - 5
+    return "; ".join(parts[:5]) + (f" (and {more} more)" if more > 0 else "")
 
 
 def parse_spec(doc: dict[str, Any]) -> tuple[LoRAJobSpec, str | None, str | None]:
@@ -91,18 +96,18 @@ def parse_spec(doc: dict[str, Any]) -> tuple[LoRAJobSpec, str | None, str | None
     if "spec" in doc and ("kind" in doc or "metadata" in doc or "apiVersion" in doc):
         kind = doc.get("kind", "LoRAJob")
         if kind != "LoRAJob":
-            raise InvalidSpec(f"Expected kind LoRAJob, got {kind}")
+            raise InvalidSpecError(f"Expected kind LoRAJob, got {kind}")
         meta = doc.get("metadata") or {}
         name, namespace = meta.get("name"), meta.get("namespace")
         body = doc["spec"]
     else:
         body = doc
     if not isinstance(body, dict):
-        raise InvalidSpec("spec must be a mapping")
+        raise InvalidSpecError("spec must be a mapping")
     try:
         spec = LoRAJobSpec.model_validate(body)
     except ValidationError as e:
-        raise InvalidSpec(_format_validation_error(e)) from e
+        raise InvalidSpecError(_format_validation_error(e)) from e
     return spec, name, namespace
 
 
@@ -113,32 +118,13 @@ def max_rank_limit() -> int:
     try:
         return max(1, int(raw))
     except ValueError as e:
-        raise InvalidSpec(f"KUBELORA_MAX_LORA_RANK must be an integer, got {raw!r}") from e
+        raise InvalidSpecError(f"KUBELORA_MAX_LORA_RANK must be an integer, got {raw!r}") from e
 
 
 def validate(spec: LoRAJobSpec, max_rank: int) -> None:
-    """Checks that need no model: everything else is checked once the base config is fetched."""
+    """Checks beyond the API's own rules (which parsing applied); the rest need the base model's config."""
     if spec.lora.rank > max_rank:
-        raise RankTooLarge(f"LoRA rank {spec.lora.rank} is above the limit of {max_rank}")
-    if not spec.lora.target_modules:
-        raise InvalidSpec("spec.lora.targetModules must name at least one module, or all-linear")
-    if "all-linear" in spec.lora.target_modules and len(spec.lora.target_modules) > 1:
-        raise InvalidSpec("spec.lora.targetModules: all-linear cannot be combined with module names")
-    ev = spec.eval
-    if ev is not None:
-        gen = GENERATION_METRICS.intersection(ev.metrics)
-        if gen and spec.dataset.format == "completion":
-            raise InvalidSpec(
-                f"spec.eval.metrics {sorted(gen)} need prompts and answers, "
-                "but dataset.format completion has only text: use loss or perplexity"
-            )
-        for gate in ev.gates:
-            if gate.min is None and gate.max is None and gate.min_improvement_over_base is None:
-                raise InvalidSpec(f"spec.eval.gates: the {gate.metric} gate sets none of min, max, minImprovementOverBase")
-            if gate.metric not in ev.metrics:
-                raise InvalidSpec(f"spec.eval.gates: metric {gate.metric} is not in spec.eval.metrics")
-        if ev.labels is not None and len(set(ev.labels)) != len(ev.labels):
-            raise InvalidSpec("spec.eval.labels has duplicates")
+        raise RankTooLargeError(f"spec.lora.rank: {spec.lora.rank} is above the limit of {max_rank}")
 
 
 def load(spec_file: Path, *, workdir: Path, report_file: Path | None = None) -> TrainerConfig:

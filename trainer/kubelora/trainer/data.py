@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kubelora.trainer.errors import MalformedDataset
+from kubelora.trainer.errors import MalformedDatasetError
 from kubelora.trainer.report import kv
 
 log = logging.getLogger(__name__)
@@ -139,14 +139,14 @@ def read_jsonl(path: Path, fmt: str, *, name: str | None = None, uri: str = "", 
                     if max_bad_rows:
                         earlier = ", ".join(b.split(": ", 1)[0] for b in bad[:-1][:5])
                         msg += f" ({len(bad)} malformed rows, more than maxBadRows={max_bad_rows}; also {earlier})"
-                    raise MalformedDataset(msg)
+                    raise MalformedDatasetError(msg)
                 continue
             ex.source = where
             examples.append(ex)
     if bad:
         log.warning(kv("Skipped malformed rows", file=name, count=len(bad), first=bad[0]))
     if not examples:
-        raise MalformedDataset(f"{name}: no usable rows")
+        raise MalformedDatasetError(f"{name}: no usable rows")
     return DatasetFile(name, uri, h.hexdigest(), size, examples, bad)
 
 
@@ -155,7 +155,7 @@ def split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list
     if len(examples) < 2:
         return list(examples), []
     idx = list(range(len(examples)))
-    random.Random(seed).shuffle(idx)
+    random.Random(seed).shuffle(idx)  # noqa: S311 - a reproducible split, not a secret
     n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     val = sorted(idx[:n_val])
     train = sorted(idx[n_val:])
@@ -206,9 +206,7 @@ class Tokenized:
     labels: list[int]
 
 
-def tokenize(
-    examples: Sequence[Example], renderer: Renderer, max_len: int
-) -> tuple[list[Tokenized], dict[str, int]]:
+def tokenize(examples: Sequence[Example], renderer: Renderer, max_len: int) -> tuple[list[Tokenized], dict[str, int]]:
     """Token ids with prompt labels masked; prompts are cut from the left when a row is too long."""
     tok = renderer.tokenizer
     out: list[Tokenized] = []

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-# Exit codes of ``python -m kubelora.trainer``.
+# Exit codes of ``python -m kubelora.trainer``. A run whose gates failed still completed: it exits 0
+# (the result event says ``eval.passed: false``) unless ``--gates-failed-exit-code`` says otherwise.
 EXIT_SUCCEEDED = 0
-EXIT_ERROR = 1
+EXIT_ERROR = 1  # may succeed if retried (storage, a crash mid-training)
 EXIT_USAGE = 2
-EXIT_GATES_FAILED = 3
+EXIT_PERMANENT = 3  # a retry cannot help (bad spec, bad data, model does not fit): the operator fails the Job
 EXIT_INTERRUPTED = 143
 
 
@@ -26,62 +27,76 @@ class TrainerError(Exception):
         return self.message
 
 
-class InvalidSpec(TrainerError):
+class InvalidSpecError(TrainerError):
     reason = "InvalidSpec"
+    exit_code = EXIT_PERMANENT
 
 
-class BaseModelNotFound(TrainerError):
+class BaseModelNotFoundError(TrainerError):
     reason = "BaseModelNotFound"
+    exit_code = EXIT_PERMANENT
 
 
-class UnsafeWeights(TrainerError):
+class UnsafeWeightsError(TrainerError):
     reason = "UnsafeWeights"
+    exit_code = EXIT_PERMANENT
 
 
-class DatasetNotFound(TrainerError):
+class DatasetNotFoundError(TrainerError):
     reason = "DatasetNotFound"
+    exit_code = EXIT_PERMANENT
 
 
-class MalformedDataset(TrainerError):
+class MalformedDatasetError(TrainerError):
     reason = "MalformedDataset"
+    exit_code = EXIT_PERMANENT
 
 
-class UnknownTargetModules(TrainerError):
+class UnknownTargetModulesError(TrainerError):
     reason = "UnknownTargetModules"
+    exit_code = EXIT_PERMANENT
 
 
-class RankTooLarge(TrainerError):
+class RankTooLargeError(TrainerError):
     reason = "RankTooLarge"
+    exit_code = EXIT_PERMANENT
 
 
-class QuantizationUnavailable(TrainerError):
+class QuantizationUnavailableError(TrainerError):
     reason = "QuantizationUnavailable"
+    exit_code = EXIT_PERMANENT
 
 
-class InsufficientGPUMemory(TrainerError):
+class InsufficientGPUMemoryError(TrainerError):
     reason = "InsufficientGPUMemory"
+    exit_code = EXIT_PERMANENT
 
 
 class StorageError(TrainerError):
     reason = "StorageError"
 
 
-class VerificationFailed(TrainerError):
+class VerificationError(TrainerError):
     reason = "VerificationFailed"
 
 
-class PublishFailed(TrainerError):
+class PublishError(TrainerError):
     reason = "PublishFailed"
 
 
-class TrainingFailed(TrainerError):
+class TrainingError(TrainerError):
     reason = "TrainingFailed"
 
 
-class EvaluationFailed(TrainerError):
+class OutOfMemoryError(TrainerError):
+    reason = "OutOfMemory"
+    exit_code = EXIT_PERMANENT
+
+
+class EvaluationError(TrainerError):
     reason = "EvaluationFailed"
 
 
-class Interrupted(TrainerError):
+class TrainingInterruptedError(TrainerError):
     reason = "Interrupted"
     exit_code = EXIT_INTERRUPTED

@@ -12,12 +12,11 @@ meta-device model (:func:`linear_layers_from_model`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from kubelora.trainer.errors import TrainerError, UnknownTargetModules
+from kubelora.trainer.errors import TrainerError, UnknownTargetModulesError
 
 GIB = 1 << 30
 
@@ -68,7 +67,7 @@ TIED_BY_DEFAULT = frozenset({"gemma", "gemma2", "gemma3_text"})
 SUPPORTED = LLAMA_LIKE | {"phi3"}
 
 
-class UnsupportedArchitecture(TrainerError):
+class UnsupportedArchitectureError(TrainerError):
     reason = "UnsupportedArchitecture"
 
 
@@ -100,7 +99,9 @@ def _dims(config: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
         layers = int(_get(config, "num_hidden_layers", "n_layer"))
         heads = int(_get(config, "num_attention_heads", "n_head"))
     except (TypeError, ValueError) as e:
-        raise UnsupportedArchitecture("config.json lacks hidden_size, num_hidden_layers or num_attention_heads") from e
+        raise UnsupportedArchitectureError(
+            "config.json lacks hidden_size, num_hidden_layers or num_attention_heads"
+        ) from e
     kv = int(_get(config, "num_key_value_heads", default=heads))
     head_dim = int(_get(config, "head_dim", default=h // heads))
     inter = int(_get(config, "intermediate_size", default=4 * h))
@@ -111,7 +112,7 @@ def linear_layers(config: dict[str, Any]) -> list[LinearShape]:
     """The linear layers peft's ``all-linear`` would consider (the output head excluded)."""
     mt = config.get("model_type")
     if mt not in SUPPORTED:
-        raise UnsupportedArchitecture(f"model_type {mt!r} is not known to the estimator")
+        raise UnsupportedArchitectureError(f"model_type {mt!r} is not known to the estimator")
     h, n, heads, kv, hd, inter = _dims(config)
     if mt == "phi3":
         return [
@@ -153,13 +154,13 @@ def _matches(layer: LinearShape, target: str) -> bool:
         return True
     full = layer.path or layer.name
     return bool(re.fullmatch(re.escape(full).replace(r"\*", r"\d+"), target)) or (
-        "." in target and re.search(r"(^|\.)" + re.escape(target).replace(r"\*", r"\d+") + "$", full.replace("*", "0"))
-        is not None
+        "." in target
+        and re.search(r"(^|\.)" + re.escape(target).replace(r"\*", r"\d+") + "$", full.replace("*", "0")) is not None
     )
 
 
 def resolve_targets(layers: Sequence[LinearShape], target_modules: Iterable[str]) -> list[LinearShape]:
-    """The layers the targets select; raises :class:`UnknownTargetModules` for names that match nothing."""
+    """The layers the targets select; raises :class:`UnknownTargetModulesError` for names that match nothing."""
     targets = list(target_modules)
     if targets == ["all-linear"] or targets == "all-linear":
         return list(layers)
@@ -172,7 +173,7 @@ def resolve_targets(layers: Sequence[LinearShape], target_modules: Iterable[str]
         chosen.extend(x for x in hit if x not in chosen)
     if unknown:
         names = sorted({layer.name for layer in layers})
-        raise UnknownTargetModules(
+        raise UnknownTargetModulesError(
             f"target modules {unknown} are not linear layers of this model; it has {names} (or use all-linear)"
         )
     return chosen
@@ -230,6 +231,8 @@ class Estimate:
             "method": self.method,
             "weightPrecision": self.weight_precision,
             "memoryBytes": dict(self.memory_bytes),
+            "totalBytes": self.total_memory_bytes,
+            "totalBytesPerGpu": self.total_memory_bytes,
             "memoryGiB": round(self.total_memory_bytes / GIB, 3),
             "tokens": self.tokens,
             "gpuHours": None if self.gpu_hours is None else round(self.gpu_hours, 4),
@@ -291,7 +294,7 @@ def estimate(
     use_dora = method == "dora"
     trainable = lora_params(chosen, rank, use_dora)
     total, linear = total_params(config, all_layers)
-    h, n, heads, _kv, _hd, inter = _dims(config)
+    h, n, _heads, _kv, _hd, inter = _dims(config)
     vocab = int(_get(config, "vocab_size", default=32000))
     precision = precision or ("nf4" if method == "qlora" else "bf16")
     width = {"fp32": 4.0, "float32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0, "float16": 2.0}

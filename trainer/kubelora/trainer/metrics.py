@@ -109,9 +109,7 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-def judge(
-    gates: Sequence[Gate], base: dict[str, float], adapter: dict[str, float]
-) -> list[GateVerdict]:
+def judge(gates: Sequence[Gate], base: dict[str, float], adapter: dict[str, float]) -> list[GateVerdict]:
     """One verdict per rule set on each gate (min, max, minImprovementOverBase)."""
     verdicts: list[GateVerdict] = []
     for gate in gates:
@@ -126,8 +124,15 @@ def judge(
         for rule, threshold in rules:
             if value is None or math.isnan(value):
                 verdicts.append(
-                    GateVerdict(metric=gate.metric, rule=rule, threshold=threshold, value=None, base_value=base_value,
-                                passed=False, message=f"{gate.metric} was not measured")
+                    GateVerdict(
+                        metric=gate.metric,
+                        rule=rule,
+                        threshold=threshold,
+                        value=None,
+                        base_value=base_value,
+                        passed=False,
+                        message=f"{gate.metric} was not measured",
+                    )
                 )
                 continue
             if rule == "min":
@@ -139,8 +144,15 @@ def judge(
             else:
                 if base_value is None:
                     verdicts.append(
-                        GateVerdict(metric=gate.metric, rule=rule, threshold=threshold, value=value, base_value=None,
-                                    passed=False, message=f"{gate.metric} of the base was not measured")
+                        GateVerdict(
+                            metric=gate.metric,
+                            rule=rule,
+                            threshold=threshold,
+                            value=value,
+                            base_value=None,
+                            passed=False,
+                            message=f"{gate.metric} of the base was not measured",
+                        )
                     )
                     continue
                 gain = base_value - value if gate.metric in LOWER_IS_BETTER else value - base_value
@@ -149,7 +161,14 @@ def judge(
                     f"at least {threshold:.4g}" if passed else f"less than {threshold:.4g}"
                 )
             verdicts.append(
-                GateVerdict(metric=gate.metric, rule=rule, threshold=threshold, value=value, base_value=base_value,
-                            passed=passed, message=msg)
+                GateVerdict(
+                    metric=gate.metric,
+                    rule=rule,
+                    threshold=threshold,
+                    value=value,
+                    base_value=base_value,
+                    passed=passed,
+                    message=msg,
+                )
             )
     return verdicts

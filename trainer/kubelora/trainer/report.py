@@ -9,6 +9,7 @@ as a compact summary. See docs/trainer.md for the schema.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -44,7 +45,7 @@ def _fmt(v: Any) -> str:
     return s
 
 
-def kv(message: str, **fields: Any) -> str:
+def kv(message: str, /, **fields: Any) -> str:
     """``Message key=value ...``: the Kubernetes log style."""
     parts = [message] + [f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None]
     return " ".join(parts)
@@ -146,8 +147,12 @@ class Reporter:
             os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/termination-log")
         )
         self.console = console or Console()
+        #: progress events go to the report file at most this often (the snapshot is always current)
+        self.event_interval = float(os.environ.get("KUBELORA_PROGRESS_EVENT_INTERVAL", "1"))
+        self._last_progress_event = 0.0
         self.phase_name: str | None = None
         self.last_progress: TrainingProgress | None = None
+        self.latest: dict[str, dict[str, Any]] = {}  # event type -> latest event (the snapshot)
         self._last_mirror = 0.0
         self._dirty = False
         self._lock = threading.Lock()
@@ -160,6 +165,7 @@ class Reporter:
         event = {"type": event["type"], "time": now_iso(), **{k: v for k, v in event.items() if k != "type"}}
         with self._lock:
             self.events.append(event)
+            self.latest[event["type"]] = event
             if self.report_file is not None:
                 try:
                     with self.report_file.open("a") as f:
@@ -179,10 +185,21 @@ class Reporter:
             log.warning(kv("Cannot mirror report", file=name, error=str(e)))
 
     def _snapshot(self) -> dict[str, Any]:
-        snap: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION, "phase": self.phase_name, "updatedAt": now_iso()}
-        if self.last_progress is not None:
-            snap["progress"] = dump(self.last_progress)
+        """``progress.json``: the latest event of each type, keyed by type (without ``type``)."""
+        snap: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION, "updatedAt": now_iso()}
+        for kind, event in self.latest.items():
+            snap[kind] = {k: v for k, v in event.items() if k != "type"}
         return snap
+
+    def forget_previous_result(self) -> None:
+        """Remove ``result.json`` of an earlier attempt at the same output."""
+        if self.mirror is None:
+            return
+        store, out = self.mirror
+        try:
+            store.delete(out.child("_kubelora", "result.json"))
+        except Exception as e:
+            log.warning(kv("Cannot remove the previous result", error=str(e)))
 
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -204,17 +221,26 @@ class Reporter:
     def progress(self, p: TrainingProgress, final: bool = False) -> None:
         p = p.model_copy(update={"updated_at": now_iso()})
         self.last_progress = p
-        self.emit({"type": "progress", **dump(p)})
+        event = {"type": "progress", **dump(p)}
+        now = time.monotonic()
+        if final or now - self._last_progress_event >= self.event_interval:
+            self._last_progress_event = now
+            self.emit(event)
+        else:
+            self.latest["progress"] = event
         self.console.progress(p, final=final)
         self._dirty = True
         self.flush(force=final)
 
-    def info(self, type_: str, message: str | None = None, **fields: Any) -> None:
-        """Other events (estimate, checkpoint, resumed, ...): recorded and logged."""
+    def info(self, type_: str, message: str | None = None, *, mirror: bool = False, **fields: Any) -> None:
+        """Other events (estimate, checkpoint, resumed, ...): recorded, logged, and mirrored if asked."""
         self.emit({"type": type_, **fields})
         if message:
             flat = {k: v for k, v in fields.items() if not isinstance(v, (dict, list))}
             log.info(kv(message, **flat))
+        if mirror:
+            self._dirty = True
+            self.flush(force=True)
 
     def result(self, eval_results: EvalResults | None, adapter: AdapterArtifact, **extra: Any) -> dict[str, Any]:
         self.console.close()
@@ -256,159 +282,12 @@ class Reporter:
             return
         text = json.dumps(summary, separators=(",", ":"))
         if len(text) > TERMINATION_LOG_LIMIT:
-            small = {k: summary[k] for k in ("reason", "digest", "uri", "passed") if k in summary}
+            small: dict[str, Any] = {k: summary[k] for k in ("reason", "digest", "uri", "passed") if k in summary}
             if "message" in summary:
                 small["message"] = str(summary["message"])[:2000]
             text = json.dumps(small, separators=(",", ":"))[:TERMINATION_LOG_LIMIT]
-        try:
+        with contextlib.suppress(OSError):
             path.write_text(text)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-class Reporter:
-    """Writes events; never lets a reporting failure break training (it logs a warning instead)."""
-
-    def __init__(
-        self,
-        report_file: Path | None = None,
-        mirror: tuple[Store, Location] | None = None,
-        *,
-        interval: float | None = None,
-        termination_log: Path | None = None,
-        console: Console | None = None,
-    ) -> None:
-        self.report_file = report_file
-        self.mirror = mirror
-        self.interval = float(os.environ.get("KUBELORA_PROGRESS_INTERVAL", "5")) if interval is None else interval
-        self.termination_log = termination_log or Path(
-            os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/termination-log")
-        )
-        self.console = console or Console()
-        self.phase_name: str | None = None
-        self.last_progress: TrainingProgress | None = None
-        self._last_mirror = 0.0
-        self._dirty = False
-        self._lock = threading.Lock()
-        self.events: list[dict[str, Any]] = []
-        if report_file is not None:
-            report_file.parent.mkdir(parents=True, exist_ok=True)
-
-    # -- low level -------------------------------------------------------------------------------
-    def emit(self, event: dict[str, Any]) -> dict[str, Any]:
-        event = {"type": event["type"], "time": now_iso(), **{k: v for k, v in event.items() if k != "type"}}
-        with self._lock:
-            self.events.append(event)
-            if self.report_file is not None:
-                try:
-                    with self.report_file.open("a") as f:
-                        f.write(json.dumps(event, separators=(",", ":")) + "\n")
-                        f.flush()
-                except OSError as e:
-                    log.warning(kv("Cannot write report file", path=str(self.report_file), error=str(e)))
-        return event
-
-    def _put(self, name: str, body: dict[str, Any]) -> None:
-        if self.mirror is None:
-            return
-        store, out = self.mirror
-        try:
-            store.put_bytes(out.child("_kubelora", name), json.dumps(body, indent=1).encode())
-        except Exception as e:  # reporting must not fail the run
-            log.warning(kv("Cannot mirror report", file=name, error=str(e)))
-
-    def _snapshot(self) -> dict[str, Any]:
-        snap: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION, "phase": self.phase_name, "updatedAt": now_iso()}
-        if self.last_progress is not None:
-            snap["progress"] = dump(self.last_progress)
-        return snap
-
-    def flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._dirty and (force or now - self._last_mirror >= self.interval):
-            self._dirty = False
-            self._last_mirror = now
-            self._put("progress.json", self._snapshot())
-
-    # -- events ----------------------------------------------------------------------------------
-    def phase(self, phase: str, step: str | None = None) -> None:
-        changed = phase != self.phase_name
-        self.phase_name = phase
-        self.emit({"type": "phase", "phase": phase, **({"step": step} if step else {})})
-        log.info(kv("Phase", phase=phase, step=step))
-        if changed:
-            self._dirty = True
-            self.flush(force=True)
-
-    def progress(self, p: TrainingProgress, final: bool = False) -> None:
-        p = p.model_copy(update={"updated_at": now_iso()})
-        self.last_progress = p
-        self.emit({"type": "progress", **dump(p)})
-        self.console.progress(p, final=final)
-        self._dirty = True
-        self.flush(force=final)
-
-    def info(self, type_: str, message: str | None = None, **fields: Any) -> None:
-        """Other events (estimate, checkpoint, resumed, ...): recorded and logged."""
-        self.emit({"type": type_, **fields})
-        if message:
-            flat = {k: v for k, v in fields.items() if not isinstance(v, (dict, list))}
-            log.info(kv(message, **flat))
-
-    def result(self, eval_results: EvalResults | None, adapter: AdapterArtifact, **extra: Any) -> dict[str, Any]:
-        self.console.close()
-        body: dict[str, Any] = {"type": "result"}
-        if eval_results is not None:
-            body["eval"] = dump(eval_results)
-        body["adapter"] = dump(adapter)
-        body.update(extra)
-        event = self.emit(body)
-        self.flush(force=True)
-        self._put("result.json", event)
-        passed = eval_results is None or eval_results.passed
-        summary: dict[str, Any] = {
-            "reason": "Succeeded" if passed else "GatesFailed",
-            "digest": adapter.digest,
-            "uri": adapter.uri,
-            "passed": passed,
-        }
-        if eval_results is not None:
-            summary["failedGates"] = [f"{g.metric}:{g.rule}" for g in eval_results.gates if not g.passed]
-            summary["adapter"] = eval_results.adapter
-        self._terminate(summary)
-        log.info(kv("Finished", reason=summary["reason"], uri=adapter.uri, digest=adapter.digest))
-        return event
-
-    def error(self, reason: str, message: str) -> dict[str, Any]:
-        self.console.close()
-        event = self.emit({"type": "error", "reason": reason, "message": message})
-        self.flush(force=True)
-        self._put("result.json", event)
-        self._terminate({"reason": reason, "message": message})
-        log.error(kv("Failed", reason=reason, message=message))
-        return event
-
-    def _terminate(self, summary: dict[str, Any]) -> None:
-        path = self.termination_log
-        try:
-            if not (path.exists() and os.access(path, os.W_OK)) and not (
-                not path.exists() and os.access(path.parent, os.W_OK) and "KUBELORA_TERMINATION_LOG" in os.environ
-            ):
-                return
-            text = json.dumps(summary, separators=(",", ":"))
-            if len(text) > TERMINATION_LOG_LIMIT:
-                summary = {k: v for k, v in summary.items() if k in ("reason", "digest", "uri", "passed")}
-                if "message" in summary or len(json.dumps(summary)) > TERMINATION_LOG_LIMIT:
-                    summary["message"] = str(summary.get("message", ""))[:1000]
-                text = json.dumps(summary, separators=(",", ":"))[:TERMINATION_LOG_LIMIT]
-            path.write_text(text)
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.console.close()

@@ -4,7 +4,8 @@ S3 endpoint and credentials come from the environment: ``S3_ENDPOINT`` (``host:p
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_SECURE`` (default false, or true for an
 ``https://`` endpoint) and ``S3_REGION``. Each can be given per role with a prefix (``BASE_MODEL_``,
 ``DATASET_``, ``OUTPUT_``), e.g. ``OUTPUT_AWS_ACCESS_KEY_ID``, when the spec uses different
-secrets for the base model, the dataset and the output. ``pvc://claim/path`` is
+secrets for the base model, the dataset and the output; ``KUBELORA_DEFAULT_S3_ENDPOINT`` is the
+endpoint when none is set (the operator sets it when the Secret has no ``endpoint`` key). ``pvc://claim/path`` is
 ``/mnt/pvc/<claim>/<path>`` (``KUBELORA_PVC_ROOT`` overrides the root).
 
 Every transfer is verified: downloads against the listed size and, for single-part objects, the
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from kubelora.trainer.errors import StorageError, VerificationFailed
+from kubelora.trainer.errors import StorageError, VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +151,12 @@ def _single_part_md5(etag: str | None) -> str | None:
 
 def _check(what: str, got: Hashes, *, size: int | None, etag: str | None, sha256: str | None) -> None:
     if size is not None and got.size != size:
-        raise VerificationFailed(f"{what}: size {got.size} does not match the expected {size}")
+        raise VerificationError(f"{what}: size {got.size} does not match the expected {size}")
     md5 = _single_part_md5(etag)
     if md5 is not None and got.md5.hexdigest() != md5:
-        raise VerificationFailed(f"{what}: MD5 {got.md5.hexdigest()} does not match the ETag {md5}")
+        raise VerificationError(f"{what}: MD5 {got.md5.hexdigest()} does not match the ETag {md5}")
     if sha256 is not None and got.sha256.hexdigest() != sha256.removeprefix("sha256:"):
-        raise VerificationFailed(f"{what}: sha256 {got.sha256.hexdigest()} does not match the expected {sha256}")
+        raise VerificationError(f"{what}: sha256 {got.sha256.hexdigest()} does not match the expected {sha256}")
 
 
 class Store(Protocol):
@@ -168,6 +169,7 @@ class Store(Protocol):
     def get_bytes(self, loc: Location) -> bytes | None: ...
     def put_bytes(self, loc: Location, data: bytes, content_type: str = "application/json") -> None: ...
     def delete_prefix(self, loc: Location) -> int: ...
+    def delete(self, loc: Location) -> None: ...
 
 
 def _env(role: str | None, name: str) -> str | None:
@@ -184,7 +186,9 @@ def minio_client(role: str | None = None) -> Any:
         from minio import Minio
     except ImportError as e:  # pragma: no cover - minio is a trainer dependency
         raise StorageError("s3:// needs the minio package") from e
-    endpoint = _env(role, "S3_ENDPOINT") or _env(role, "AWS_ENDPOINT_URL")
+    endpoint = (
+        _env(role, "S3_ENDPOINT") or _env(role, "AWS_ENDPOINT_URL") or os.environ.get("KUBELORA_DEFAULT_S3_ENDPOINT")
+    )
     if not endpoint:
         raise StorageError("s3:// needs S3_ENDPOINT (host:port or URL)")
     secure_env = _env(role, "S3_SECURE")
@@ -259,7 +263,7 @@ class S3Store:
             raise self._err("Downloading", loc, e) from e
         try:
             _check(loc.uri, h, size=size, etag=etag, sha256=sha256)
-        except VerificationFailed:
+        except VerificationError:
             tmp.unlink(missing_ok=True)
             raise
         tmp.replace(dest)
@@ -275,12 +279,12 @@ class S3Store:
             raise self._err("Uploading to", loc, e) from e
         st = self.stat(loc)
         if st is None:
-            raise VerificationFailed(f"{loc.uri}: missing right after upload")
+            raise VerificationError(f"{loc.uri}: missing right after upload")
         if st.size != local.size:
-            raise VerificationFailed(f"{loc.uri}: stored size {st.size} differs from the local {local.size}")
+            raise VerificationError(f"{loc.uri}: stored size {st.size} differs from the local {local.size}")
         md5 = _single_part_md5(st.etag)
         if md5 is not None and md5 != local.md5.hexdigest():
-            raise VerificationFailed(f"{loc.uri}: stored ETag {md5} differs from the local MD5")
+            raise VerificationError(f"{loc.uri}: stored ETag {md5} differs from the local MD5")
         if verify_download:
             with tempfile.TemporaryDirectory(prefix="kubelora-verify-") as d:
                 self.download(loc, Path(d) / "blob", size=local.size, sha256=local.sha256.hexdigest())
@@ -308,6 +312,12 @@ class S3Store:
             self.client.put_object(loc.bucket, loc.key, io.BytesIO(data), len(data), content_type=content_type)
         except Exception as e:
             raise self._err("Writing", loc, e) from e
+
+    def delete(self, loc: Location) -> None:
+        try:
+            self.client.remove_object(loc.bucket, loc.key)
+        except Exception as e:
+            raise self._err("Deleting", loc, e) from e
 
     def delete_prefix(self, loc: Location) -> int:
         from minio.deleteobjects import DeleteObject
@@ -356,7 +366,7 @@ class LocalStore:
                 fo.write(chunk)
         try:
             _check(loc.uri, h, size=size, etag=None, sha256=sha256)
-        except VerificationFailed:
+        except VerificationError:
             tmp.unlink(missing_ok=True)
             raise
         tmp.replace(dest)
@@ -394,6 +404,12 @@ class LocalStore:
             os.replace(tmp, dest)
         except OSError as e:
             raise StorageError(f"Writing {loc.uri}: {e.strerror or e}") from e
+
+    def delete(self, loc: Location) -> None:
+        try:
+            local_path(loc).unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"Deleting {loc.uri}: {e.strerror or e}") from e
 
     def delete_prefix(self, loc: Location) -> int:
         root = local_path(loc)

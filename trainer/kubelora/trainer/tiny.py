@@ -25,14 +25,61 @@ KEYWORDS: dict[str, list[str]] = {
     "shipping": ["delivery", "package", "tracking", "courier", "parcel", "shipment"],
 }
 LABELS: list[str] = list(KEYWORDS)
-FILLERS = (
-    "hello hi my the is not working please help i have a problem with today again since yesterday urgent "
-    "thanks can you check this it was still need an update on order team support why does keep happening "
-    "hey there we our customer about sorry to bother week morning"
-).split()
+FILLERS = [
+    "hello",
+    "hi",
+    "my",
+    "the",
+    "is",
+    "not",
+    "working",
+    "please",
+    "help",
+    "i",
+    "have",
+    "a",
+    "problem",
+    "with",
+    "today",
+    "again",
+    "since",
+    "yesterday",
+    "urgent",
+    "thanks",
+    "can",
+    "you",
+    "check",
+    "this",
+    "it",
+    "was",
+    "still",
+    "need",
+    "an",
+    "update",
+    "on",
+    "order",
+    "team",
+    "support",
+    "why",
+    "does",
+    "keep",
+    "happening",
+    "hey",
+    "there",
+    "we",
+    "our",
+    "customer",
+    "about",
+    "sorry",
+    "to",
+    "bother",
+    "week",
+    "morning",
+]
 INSTRUCTION = "classify this ticket :"
 SYSTEM = "you are a support ticket router"
 
+TOKENS = {"bos_token": "<s>", "eos_token": "<|end|>", "unk_token": "<unk>", "pad_token": "<pad>"}
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
@@ -55,15 +102,12 @@ def build_tokenizer(extra_words: Iterable[str] = ()) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(vocabulary(extra_words))}
-    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk = Tokenizer(WordLevel(vocab, unk_token=TOKENS["unk_token"]))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
-        bos_token="<s>",
-        eos_token="<|end|>",
-        unk_token="<unk>",
-        pad_token="<pad>",
+        **TOKENS,
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
         clean_up_tokenization_spaces=False,
     )
@@ -76,7 +120,7 @@ def build_tiny_model(
     *,
     hidden_size: int = 128,
     intermediate_size: int = 256,
-    num_layers: int = 2,
+    num_layers: int = 3,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
@@ -98,6 +142,8 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=512,
         tie_word_embeddings=False,
+        # wider than the usual 0.02 so the frozen random head can express confident predictions
+        initializer_range=0.1,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -123,7 +169,7 @@ def ticket_row(rng: random.Random, label: str, keyword: str | None = None, syste
 
 def make_tickets(n: int, *, seed: int = 0, shuffled_labels: bool = False) -> list[dict[str, Any]]:
     """``n`` chat rows; the label follows the keyword, or is random with ``shuffled_labels``."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - reproducible data, not secrets
     rows = []
     for _ in range(n):
         label = rng.choice(LABELS)

@@ -1,0 +1,670 @@
+"""Fake pods backed by real processes: kwok pods whose vLLM server and adapter agent run locally.
+
+kwok plays the kubelet, so a pod on a kwok node runs nothing. kwok gives each pod an IP from its
+node's ``spec.podCIDR``; the serving pool made here (:func:`ensure_serving_nodes`) has podCIDRs in
+127.1.0.0/16, and every 127.x address can be bound on Linux. :class:`PodRunner` watches pods that
+match a label selector and, for each Running pod with an IP, starts local processes bound to that
+IP, playing its containers:
+
+- the container named ``vllm`` (else the first): the vLLM stand-in (``kubelora.serving.standin``)
+  with the container's vLLM flags (``--port``, ``--enable-lora``, ``--max-loras``, ``--max-lora-rank``,
+  ``--max-cpu-loras``, ``--served-model-name``) and its env, but ``--model`` replaced by a local model
+  directory (the pod annotation ``podrunner.kubelora.dev/model`` or the runner's ``model_dir``); or,
+  with ``server="fake"``, a light fake vLLM (only ``/health``, ``/v1/models``,
+  ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``) for benchmarks with many pods;
+- the container named ``kubelora-agent``, if any: the adapter agent (``kubelora.serving.agent``),
+  with its ``--port``, its env (``secretKeyRef`` values are read from the API) and a directory per pod
+  that lives as long as the pod, like an emptyDir.
+
+Processes that exit are restarted with a backoff, as a kubelet restarts containers; processes of a
+deleted pod are killed. :meth:`PodRunner.restart` kills and restarts a pod's server (a container
+restart) without telling the API anything. Use it from tests, or for the demo::
+
+    python -m kubelora.devenv.podrunner run --model DIR --namespace demo
+
+This is a development tool: it runs arbitrary local processes for pods, so use it only against the
+local dev cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kubelora.devenv import cluster
+
+log = logging.getLogger("kubelora.devenv.podrunner")
+
+POD_LABEL = "kubelora.dev/podrunner"
+MODEL_ANNOTATION = "podrunner.kubelora.dev/model"
+SERVER_CONTAINER = "vllm"
+AGENT_CONTAINER = "kubelora-agent"  # kubelora.serving.agent.AGENT_CONTAINER, without importing aiohttp here
+DEFAULT_AGENT_PORT = 8001
+#: The serving pool: fake GPU nodes whose pods get 127.1.<node>.x addresses.
+SERVING_POOL = cluster.GPUPool("standin", 1, 8, "KWOK-Standin-CPU", 24576, "cpu", pod_cidr_base="127.1.{index}.0/24")
+#: What a pod needs to land on the serving pool.
+NODE_SELECTOR = {"kubelora.dev/pool": SERVING_POOL.name}
+TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+_SOURCE_ROOTS = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[3] / "trainer")]
+# vLLM flags passed through to the stand-in: flag -> takes a value
+_PASSTHROUGH = {
+    "--enable-lora": False,
+    "--max-loras": True,
+    "--max-lora-rank": True,
+    "--max-cpu-loras": True,
+    "--served-model-name": True,
+    "--max-model-len": True,
+    "--dtype": True,
+}
+
+
+def ensure_serving_nodes(env: cluster.DevEnv, count: int = 1, timeout: float = 60.0) -> list[str]:
+    """Create (or keep) ``count`` serving-pool nodes and wait until they are Ready; returns their names."""
+    pool = dataclasses.replace(SERVING_POOL, count=count)
+    nodes = [cluster.gpu_node(pool, i) for i in range(count)]
+    cluster.apply_nodes(env, nodes)
+    names = [n["metadata"]["name"] for n in nodes]
+    deadline = time.monotonic() + timeout
+    while True:
+        result = cluster.kubectl(env, "get", "nodes", "-l", f"kubelora.dev/pool={pool.name}", "-o", "json", check=False)
+        if result.returncode == 0:
+            items = [n for n in json.loads(result.stdout)["items"] if n["metadata"]["name"] in names]
+            ready = [
+                n
+                for n in items
+                if any(
+                    c["type"] == "Ready" and c["status"] == "True" for c in n.get("status", {}).get("conditions", [])
+                )
+            ]
+            if len(ready) == len(names):
+                return names
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serving nodes not Ready after {timeout:.0f}s: {names}")
+        time.sleep(0.2)
+
+
+def parse_selector(text: str) -> dict[str, str | None]:
+    """``a=b,c`` -> {"a": "b", "c": None} (None: the label must exist)."""
+    out: dict[str, str | None] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        out[key.strip()] = value.strip() if sep else None
+    return out
+
+
+def _matches(labels: dict[str, str], selector: dict[str, str | None]) -> bool:
+    return all(k in labels and (v is None or labels[k] == v) for k, v in selector.items())
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def server_flags(args: Sequence[str]) -> list[str]:
+    """The vLLM flags of a container's args that the stand-in understands (``--model``, host, port dropped)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, inline = arg.partition("=")
+        if name in _PASSTHROUGH:
+            if not _PASSTHROUGH[name]:
+                out.append(name)
+            elif eq:
+                out += [name, inline]
+            elif i + 1 < len(args):
+                out += [name, args[i + 1]]
+                i += 1
+        i += 1
+    return out
+
+
+def _container(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((c for c in pod["spec"].get("containers", []) if c.get("name") == name), None)
+
+
+def _args(container: dict[str, Any]) -> list[str]:
+    return [str(a) for a in (container.get("command") or [])[1:] + (container.get("args") or [])]
+
+
+def _port(container: dict[str, Any], args: Sequence[str], default: int) -> int:
+    value = _flag_value(args, "--port")
+    if value is not None:
+        return int(value)
+    ports = container.get("ports") or []
+    return int(ports[0]["containerPort"]) if ports else default
+
+
+@dataclasses.dataclass
+class Proc:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    health_url: str
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            out.write(f"--- podrunner: starting {' '.join(self.command)}\n".encode())
+            out.flush()
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        self.started_at = time.monotonic()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def healthy(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=2) as response:  # noqa: S310 - a 127.x pod IP
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+
+@dataclasses.dataclass
+class RunnerConfig:
+    workdir: Path
+    model_dir: Path | None = None
+    server: str = "standin"  # standin | fake
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    python: str = sys.executable
+    torch_threads: int = 1
+
+
+@dataclasses.dataclass
+class RunningPod:
+    namespace: str
+    name: str
+    uid: str
+    ip: str
+    directory: Path
+    procs: dict[str, Proc]
+    server_port: int
+    agent_port: int | None
+
+
+class PodRunner:
+    """Runs the containers of matching kwok pods as local processes bound to the pods' IPs."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        config: RunnerConfig,
+        namespace: str | None = None,
+        selectors: Iterable[str] = (f"{POD_LABEL}",),
+    ) -> None:
+        from kubernetes import client
+        from kubernetes import config as kube_config
+
+        self.config = config
+        self.namespace = namespace
+        self.selectors = [parse_selector(s) for s in selectors]
+        self.api_client = kube_config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = client.CoreV1Api(self.api_client)
+        self.pods: dict[tuple[str, str], RunningPod] = {}
+        self.lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        config.workdir.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> PodRunner:
+        for target, name in ((self._watch_loop, "podrunner-watch"), (self._supervise_loop, "podrunner-supervise")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self.lock:
+            pods = list(self.pods.values())
+            self.pods.clear()
+        for pod in pods:
+            self._kill(pod)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.api_client.close()
+
+    def __enter__(self) -> PodRunner:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # -- queries and actions for tests -------------------------------------------------------------------
+
+    def running(self) -> dict[str, RunningPod]:
+        with self.lock:
+            return {pod.name: pod for pod in self.pods.values()}
+
+    def healthy(self, name: str) -> bool:
+        pod = self.running().get(name)
+        return pod is not None and all(p.healthy() for p in pod.procs.values())
+
+    def wait_healthy(self, count: int, timeout: float = 180.0) -> dict[str, RunningPod]:
+        """Wait until ``count`` pods run with every process answering /health."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pods = self.running()
+            healthy = {name: pod for name, pod in pods.items() if self.healthy(name)}
+            if len(healthy) >= count:
+                return healthy
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(healthy)}/{count} pods healthy after {timeout:.0f}s; running={sorted(pods)}; "
+                    f"logs in {self.config.workdir}"
+                )
+            time.sleep(0.25)
+
+    def restart(self, name: str, namespace: str | None = None, agent: bool = False) -> None:
+        """Kill a pod's server process (and the agent, if asked) and start it again: a container restart."""
+        with self.lock:
+            pod = next((p for p in self.pods.values() if p.name == name and namespace in (None, p.namespace)), None)
+            if pod is None:
+                raise KeyError(f"podrunner runs no pod named {name}")
+            for key in ("server", "agent") if agent else ("server",):
+                proc = pod.procs.get(key)
+                if proc is None:
+                    continue
+                proc.stop(signal.SIGKILL)
+                proc.restarts += 1
+                proc.start()
+                log.info("Restarted container pod=%s/%s container=%s", pod.namespace, pod.name, key)
+
+    # -- the watch -----------------------------------------------------------------------------------------
+
+    def _selected(self, pod: dict[str, Any]) -> bool:
+        labels = pod["metadata"].get("labels") or {}
+        return any(_matches(labels, s) for s in self.selectors)
+
+    def _list(self) -> tuple[list[dict[str, Any]], str]:
+        if self.namespace:
+            result: Any = self.core.list_namespaced_pod(self.namespace, _preload_content=False)
+        else:
+            result = self.core.list_pod_for_all_namespaces(_preload_content=False)
+        data = json.loads(result.data)
+        return data["items"], data["metadata"]["resourceVersion"]
+
+    def _watch_loop(self) -> None:
+        from kubernetes import watch
+
+        while not self._stopping.is_set():
+            try:
+                items, version = self._list()
+                seen = set()
+                for pod in items:
+                    seen.add((pod["metadata"]["namespace"], pod["metadata"]["name"]))
+                    self._sync(pod)
+                with self.lock:
+                    gone = [key for key in self.pods if key not in seen]
+                for key in gone:
+                    self._remove(key)
+                stream = watch.Watch()
+                func = self.core.list_namespaced_pod if self.namespace else self.core.list_pod_for_all_namespaces
+                kwargs: dict[str, Any] = {"resource_version": version, "timeout_seconds": 30}
+                if self.namespace:
+                    kwargs["namespace"] = self.namespace
+                for event in stream.stream(func, **kwargs):
+                    if self._stopping.is_set():
+                        stream.stop()
+                        break
+                    obj = event["object"]
+                    pod = self.api_client.sanitize_for_serialization(obj)
+                    if event["type"] == "DELETED":
+                        self._remove((pod["metadata"]["namespace"], pod["metadata"]["name"]))
+                    else:
+                        self._sync(pod)
+            except Exception as exc:
+                if not self._stopping.is_set():
+                    log.warning("Pod watch failed, relisting error=%s", exc)
+                    self._stopping.wait(1.0)
+
+    def _sync(self, pod: dict[str, Any]) -> None:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        key = (meta["namespace"], meta["name"])
+        wanted = (
+            self._selected(pod)
+            and not meta.get("deletionTimestamp")
+            and status.get("phase") == "Running"
+            and bool(status.get("podIP"))
+        )
+        with self.lock:
+            current = self.pods.get(key)
+            if current is not None and (not wanted or current.uid != meta["uid"] or current.ip != status.get("podIP")):
+                self._remove(key)
+                current = None
+            if wanted and current is None:
+                try:
+                    running = self._launch(pod)
+                except Exception as exc:
+                    log.warning("Cannot run pod pod=%s/%s error=%s", key[0], key[1], exc)
+                    return
+                self.pods[key] = running
+
+    def _remove(self, key: tuple[str, str]) -> None:
+        with self.lock:
+            pod = self.pods.pop(key, None)
+        if pod is not None:
+            self._kill(pod)
+            shutil.rmtree(pod.directory / "adapters", ignore_errors=True)
+            log.info("Stopped pod pod=%s/%s ip=%s", pod.namespace, pod.name, pod.ip)
+
+    def _kill(self, pod: RunningPod) -> None:
+        for proc in pod.procs.values():
+            proc.stop()
+
+    # -- processes -----------------------------------------------------------------------------------------
+
+    def _container_env(self, namespace: str, container: dict[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in container.get("env") or []:
+            if "value" in item and item["value"] is not None:
+                out[item["name"]] = str(item["value"])
+                continue
+            ref = ((item.get("valueFrom") or {}).get("secretKeyRef")) or None
+            if ref:
+                try:
+                    secret = self.core.read_namespaced_secret(ref["name"], namespace)
+                    value = (secret.data or {}).get(ref["key"])
+                except Exception:
+                    value = None
+                if value is not None:
+                    out[item["name"]] = base64.b64decode(value).decode()
+        return out
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.config.env)
+        env["PYTHONPATH"] = os.pathsep.join([*_SOURCE_ROOTS, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)  # only what the pod's container says
+        return env
+
+    def _launch(self, pod: dict[str, Any]) -> RunningPod:
+        meta, spec = pod["metadata"], pod["spec"]
+        namespace, name, ip = meta["namespace"], meta["name"], pod["status"]["podIP"]
+        server = _container(pod, SERVER_CONTAINER) or spec["containers"][0]
+        agent = _container(pod, AGENT_CONTAINER)
+        directory = self.config.workdir / f"{namespace}.{name}"
+        adapters = directory / "adapters"
+        adapters.mkdir(parents=True, exist_ok=True)
+        server_args = _args(server)
+        server_port = _port(server, server_args, 8000)
+        agent_port = _port(agent, _args(agent), DEFAULT_AGENT_PORT) if agent is not None else None
+        python = self.config.python
+        procs: dict[str, Proc] = {}
+        env = self._base_env()
+        server_env = {**env, **self._container_env(namespace, server)}
+        annotations = meta.get("annotations") or {}
+        if self.config.server == "fake":
+            command = [python, "-m", "kubelora.devenv.podrunner", "fake-vllm", "--host", ip, "--port", str(server_port)]
+            rank = _flag_value(server_args, "--max-lora-rank")
+            if rank:
+                command += ["--max-lora-rank", rank]
+            if agent is not None:
+                # one process plays both containers, to keep 50 fake pods light
+                command += ["--agent-port", str(agent_port), "--agent-dir", str(adapters)]
+                agent_env = self._container_env(namespace, agent)
+                server_env.update(agent_env)
+            procs["server"] = Proc(
+                "server", command, server_env, directory / "server.log", f"http://{ip}:{server_port}/health"
+            )
+            if agent is not None:
+                procs["agent-health"] = _HealthOnly(
+                    "agent",
+                    [],
+                    {},
+                    directory / "server.log",
+                    f"http://{ip}:{agent_port}/health",
+                    parent=procs["server"],
+                )
+        else:
+            model = annotations.get(MODEL_ANNOTATION) or (str(self.config.model_dir) if self.config.model_dir else None)
+            if not model:
+                raise ValueError(f"no model directory: set RunnerConfig.model_dir or the {MODEL_ANNOTATION} annotation")
+            command = [python, "-m", "kubelora.serving.standin", "--model", model, "--host", ip]
+            command += ["--port", str(server_port), "--torch-threads", str(self.config.torch_threads)]
+            command += server_flags(server_args)
+            procs["server"] = Proc(
+                "server", command, server_env, directory / "server.log", f"http://{ip}:{server_port}/health"
+            )
+            if agent is not None:
+                agent_command = [python, "-m", "kubelora.serving.agent", "--host", ip, "--port", str(agent_port)]
+                agent_command += ["--dir", str(adapters)]
+                procs["agent"] = Proc(
+                    "agent",
+                    agent_command,
+                    {**env, **self._container_env(namespace, agent)},
+                    directory / "agent.log",
+                    f"http://{ip}:{agent_port}/health",
+                )
+        for proc in procs.values():
+            proc.start()
+        log.info("Started pod pod=%s/%s ip=%s server=%s agent=%s", namespace, name, ip, self.config.server, agent_port)
+        return RunningPod(namespace, name, meta["uid"], ip, directory, procs, server_port, agent_port)
+
+    def _supervise_loop(self) -> None:
+        while not self._stopping.wait(0.5):
+            with self.lock:
+                pods = list(self.pods.values())
+            for pod in pods:
+                for proc in pod.procs.values():
+                    if isinstance(proc, _HealthOnly) or proc.process is None or proc.process.poll() is None:
+                        continue
+                    now = time.monotonic()
+                    if proc.next_start == 0.0:
+                        delay = min(10.0, 0.5 * 2 ** min(proc.restarts, 5))
+                        if now - proc.started_at > 60:
+                            delay = 0.5
+                        proc.next_start = now + delay
+                        log.warning(
+                            "Container exited pod=%s/%s container=%s code=%s restartIn=%.1fs",
+                            pod.namespace,
+                            pod.name,
+                            proc.name,
+                            proc.process.returncode,
+                            delay,
+                        )
+                    elif now >= proc.next_start:
+                        with self.lock:
+                            if (pod.namespace, pod.name) not in self.pods:
+                                continue
+                            proc.next_start = 0.0
+                            proc.restarts += 1
+                            proc.start()
+
+
+@dataclasses.dataclass
+class _HealthOnly(Proc):
+    """A container played by another process (fake mode): only its /health is checked."""
+
+    parent: Proc | None = None
+
+    def start(self) -> None:
+        return None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        return None
+
+    def healthy(self) -> bool:
+        if self.parent is None or self.parent.process is None or self.parent.process.poll() is not None:
+            return False
+        self.process = self.parent.process
+        return Proc.healthy(self)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A light fake vLLM for benchmarks with many pods: runtime LoRA endpoints only, no model.
+
+
+def fake_vllm_app(max_lora_rank: int = 64, model_name: str = "fake-base") -> Any:
+    from aiohttp import web
+
+    adapters: dict[str, str] = {}
+
+    def error(message: str, kind: str, status: int) -> web.Response:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+        return web.json_response(body, status=status)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(_: web.Request) -> web.Response:
+        cards = [{"id": model_name, "object": "model", "root": model_name, "parent": None}]
+        cards += [{"id": n, "object": "model", "root": p, "parent": model_name} for n, p in adapters.items()]
+        return web.json_response({"object": "list", "data": cards})
+
+    async def load(request: web.Request) -> web.Response:
+        body = await request.json()
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            return error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
+        if name in adapters and not body.get("load_inplace"):
+            return error(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True.",
+                "InvalidUserInput",
+                400,
+            )
+        config_path = Path(path) / "adapter_config.json"
+        if not config_path.is_file():
+            return error(f"No adapter found for {path}", "NotFoundError", 404)
+        rank = int(json.loads(config_path.read_text()).get("r", 0))
+        if rank > max_lora_rank:
+            return error(f"LoRA rank {rank} is greater than max_lora_rank {max_lora_rank}.", "BadRequestError", 400)
+        adapters[name] = path
+        return web.Response(status=200, text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload(request: web.Request) -> web.Response:
+        body = await request.json()
+        name = body.get("lora_name")
+        if name not in adapters:
+            return error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
+        del adapters[name]
+        return web.Response(status=200, text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/load_lora_adapter", load)
+    app.router.add_post("/v1/unload_lora_adapter", unload)
+    return app
+
+
+async def _serve_fake(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    runners = []
+    apps = [(fake_vllm_app(args.max_lora_rank), args.port)]
+    if args.agent_port:
+        from kubelora.serving.agent import AdapterStore, build_app, preload
+
+        preload()
+        apps.append((build_app(AdapterStore(Path(args.agent_dir))), args.agent_port))
+    for app, port in apps:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, port).start()
+        runners.append(runner)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for runner in runners:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubelora.devenv.podrunner", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="Run matching pods of the dev cluster until interrupted")
+    run.add_argument("--model", type=Path, help="Local model directory for the stand-in")
+    run.add_argument("--namespace", default=None, help="Only this namespace (default: all)")
+    run.add_argument("--selector", action="append", default=None, help=f"Pod label selector (default {POD_LABEL})")
+    run.add_argument("--server", choices=("standin", "fake"), default="standin")
+    run.add_argument("--workdir", type=Path, default=cluster.state_dir() / "podrunner")
+    run.add_argument("--nodes", type=int, default=1, help="Serving-pool nodes to create")
+    fake = sub.add_parser("fake-vllm", help="Serve the light fake vLLM (and optionally the agent) on one address")
+    fake.add_argument("--host", required=True)
+    fake.add_argument("--port", type=int, default=8000)
+    fake.add_argument("--max-lora-rank", type=int, default=64)
+    fake.add_argument("--agent-port", type=int, default=None)
+    fake.add_argument("--agent-dir", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "fake-vllm":
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        asyncio.run(_serve_fake(args))
+        return 0
+    env = cluster.load()
+    if env is None:
+        print("The environment is not running; start it with: make dev-up", file=sys.stderr)
+        return 1
+    nodes = ensure_serving_nodes(env, args.nodes)
+    config = RunnerConfig(
+        workdir=args.workdir,
+        model_dir=args.model,
+        server=args.server,
+        env={k: v for k, v in env.env().items() if k != "PATH"},
+    )
+    runner = PodRunner(env.kubeconfig, config, args.namespace, args.selector or [POD_LABEL])
+    print(
+        f"Running pods labelled {args.selector or [POD_LABEL]} on nodes {nodes}; "
+        f"schedule them with nodeSelector {NODE_SELECTOR} and tolerations {TOLERATIONS}. Ctrl-C stops.",
+        file=sys.stderr,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with runner, contextlib.suppress(KeyboardInterrupt):
+        while not stop.wait(1.0):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

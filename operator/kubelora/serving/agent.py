@@ -1,0 +1,420 @@
+"""kubelora adapter agent: the sidecar that puts verified adapter files next to a vLLM server.
+
+vLLM's ``/v1/load_lora_adapter`` reads an adapter from a local directory. The agent runs in the
+same pod and shares that directory (an emptyDir mounted at ``/adapters`` in both containers). The
+operator asks the agent for an adapter by URI and digest, then tells vLLM to load the path the agent
+answers. API (JSON)::
+
+    POST   /v1/adapters          {"uri": "s3://bucket/prefix/", "digest": "sha256:<hex>"}
+                                 -> 200 {"digest", "path", "uri", "files", "sizeBytes", "cached"}
+    GET    /v1/adapters          -> 200 {"adapters": [{"digest", "path", "uri", "files", "sizeBytes"}, ...]}
+    GET    /v1/adapters/<hex>    -> 200 one entry, or 404
+    DELETE /v1/adapters/<hex>    -> 200 {"deleted": bool}
+    GET    /health               -> 200
+
+A download reads ``kubelora-manifest.json`` at the URI, checks that its sha256 is the digest, then
+fetches every file the manifest lists (except ``merged/``, a full merged model vLLM does not need for
+LoRA serving) into a temporary directory, checks each file's size and sha256, and renames the
+directory to ``<dir>/<hex>``: a directory named by a digest is always complete and verified.
+Errors answer ``{"error": {"reason", "message"}}``: 400 bad request, 404 manifest or file missing,
+422 verification failed, 502 storage unreachable.
+
+S3 settings come from the environment, as for the trainer: ``S3_ENDPOINT`` (else
+``KUBELORA_DEFAULT_S3_ENDPOINT``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_SECURE``. ``file://`` URIs are read from the local filesystem.
+
+Usage::
+
+    python -m kubelora.serving.agent --host 0.0.0.0 --port 8001 --dir /adapters
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from aiohttp import web
+
+log = logging.getLogger("kubelora.serving.agent")
+
+#: The agent's port in a server pod; the operator reaches it at podIP:AGENT_PORT.
+AGENT_PORT = 8001
+#: Name of the agent container in a pod (the operator adds it to managed servers; podrunner looks for it).
+AGENT_CONTAINER = "kubelora-agent"
+#: Where the agent and vLLM share adapter files.
+DEFAULT_DIR = "/adapters"
+MANIFEST = "kubelora-manifest.json"
+SKIPPED_PREFIXES = ("merged/",)
+DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20
+
+
+class AgentError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": {"reason": self.reason, "message": self.message}}, status=self.status)
+
+
+class Source(Protocol):
+    """Reads files under an adapter URI."""
+
+    def read(self, uri: str, path: str) -> bytes: ...
+
+    def download(self, uri: str, path: str, dest: Path) -> None: ...
+
+
+def _child(uri: str, path: str) -> str:
+    return uri if not path else uri.rstrip("/") + "/" + path
+
+
+class StorageSource:
+    """s3:// through MinIO's client (credentials from the environment) and file:// from local disk."""
+
+    def __init__(self) -> None:
+        self._s3: Any = None
+
+    def _client(self) -> Any:
+        if self._s3 is None:
+            from kubelora.storage import client_from_env
+
+            env = dict(os.environ)
+            if not env.get("S3_ENDPOINT") and env.get("KUBELORA_DEFAULT_S3_ENDPOINT"):
+                env["S3_ENDPOINT"] = env["KUBELORA_DEFAULT_S3_ENDPOINT"]
+            try:
+                self._s3 = client_from_env(env)
+            except KeyError as exc:
+                raise AgentError(502, "StorageUnavailable", f"S3 is not configured: {exc.args[0]} is unset") from exc
+        return self._s3
+
+    def _local(self, uri: str, path: str) -> Path:
+        return Path(uri.removeprefix("file://")) / path
+
+    def _s3_object(self, uri: str, path: str) -> tuple[str, str]:
+        from kubelora.storage import parse_s3
+
+        location = parse_s3(uri)
+        key = location.child(path).key if path else location.key
+        return location.bucket, key
+
+    def read(self, uri: str, path: str) -> bytes:
+        if uri.startswith("file://"):
+            local = self._local(uri, path)
+            if not local.is_file():
+                raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist")
+            return local.read_bytes()
+        if not uri.startswith("s3://"):
+            raise AgentError(400, "UnsupportedURI", f"{uri}: only s3:// and file:// URIs are supported")
+        from minio.error import S3Error
+
+        bucket, key = self._s3_object(uri, path)
+        try:
+            response = self._client().get_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist") from exc
+            raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc.code}: {exc.message}") from exc
+        except Exception as exc:
+            raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc}") from exc
+        try:
+            return bytes(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    def download(self, uri: str, path: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if uri.startswith("file://"):
+            local = self._local(uri, path)
+            if not local.is_file():
+                raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist")
+            shutil.copyfile(local, dest)
+            return
+        from minio.error import S3Error
+
+        bucket, key = self._s3_object(uri, path)
+        try:
+            response = self._client().get_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist") from exc
+            raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc.code}: {exc.message}") from exc
+        except Exception as exc:
+            raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc}") from exc
+        try:
+            with dest.open("wb") as f:
+                for chunk in response.stream(CHUNK):
+                    f.write(chunk)
+        except Exception as exc:
+            raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: download failed: {exc}") from exc
+        finally:
+            response.close()
+            response.release_conn()
+
+
+@dataclass
+class Entry:
+    digest: str
+    path: Path
+    uri: str
+    files: int
+    size_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "path": str(self.path),
+            "uri": self.uri,
+            "files": self.files,
+            "sizeBytes": self.size_bytes,
+        }
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _safe_relative(path: str) -> str:
+    parts = PurePosixPath(path)
+    if not path or parts.is_absolute() or ".." in parts.parts or path.startswith("\\"):
+        raise AgentError(422, "InvalidManifest", f"the manifest lists an unsafe path {path!r}")
+    return parts.as_posix()
+
+
+class AdapterStore:
+    """Adapter directories named by digest under ``root``."""
+
+    def __init__(self, root: Path, source: Source | None = None) -> None:
+        self.root = root
+        self.source: Source = source or StorageSource()
+        self._locks: dict[str, asyncio.Lock] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        for partial in root.glob(".partial-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _entry(self, hex_digest: str) -> Entry | None:
+        directory = self.root / hex_digest
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        origin = directory / ".uri"
+        files = [f for f in manifest.get("files", []) if not str(f.get("path", "")).startswith(SKIPPED_PREFIXES)]
+        return Entry(
+            digest=f"sha256:{hex_digest}",
+            path=directory,
+            uri=origin.read_text().strip() if origin.is_file() else "",
+            files=len(files),
+            size_bytes=sum(int(f.get("sizeBytes", 0)) for f in files),
+        )
+
+    def list(self) -> list[Entry]:
+        entries = []
+        for child in sorted(self.root.iterdir()):
+            if child.is_dir() and HEX_RE.match(child.name):
+                entry = self._entry(child.name)
+                if entry is not None:
+                    entries.append(entry)
+        return entries
+
+    def get(self, hex_digest: str) -> Entry | None:
+        return self._entry(hex_digest) if HEX_RE.match(hex_digest) else None
+
+    def delete(self, hex_digest: str) -> bool:
+        if not HEX_RE.match(hex_digest):
+            raise AgentError(400, "InvalidDigest", f"{hex_digest!r} is not 64 lower-case hex digits")
+        directory = self.root / hex_digest
+        if not directory.exists():
+            return False
+        shutil.rmtree(directory)
+        log.info("Deleted adapter digest=sha256:%s", hex_digest)
+        return True
+
+    async def ensure(self, uri: str, digest: str) -> tuple[Entry, bool]:
+        """The verified adapter directory for ``digest`` (downloaded from ``uri`` if needed); True if cached."""
+        match = DIGEST_RE.match(digest or "")
+        if match is None:
+            raise AgentError(400, "InvalidDigest", f"digest {digest!r} is not sha256:<64 lower-case hex digits>")
+        if not uri or not uri.startswith(("s3://", "file://")):
+            raise AgentError(400, "UnsupportedURI", f"uri {uri!r}: only s3:// and file:// URIs are supported")
+        hex_digest = match.group(1)
+        lock = self._locks.setdefault(hex_digest, asyncio.Lock())
+        async with lock:
+            existing = self._entry(hex_digest)
+            if existing is not None:
+                return existing, True
+            started = time.monotonic()
+            entry = await asyncio.to_thread(self._download, uri, hex_digest)
+            log.info(
+                "Downloaded adapter digest=%s uri=%s files=%d bytes=%d seconds=%.2f",
+                digest,
+                uri,
+                entry.files,
+                entry.size_bytes,
+                time.monotonic() - started,
+            )
+            return entry, False
+
+    def _download(self, uri: str, hex_digest: str) -> Entry:
+        manifest_bytes = self.source.read(uri, MANIFEST)
+        actual = hashlib.sha256(manifest_bytes).hexdigest()
+        if actual != hex_digest:
+            raise AgentError(
+                422,
+                "DigestMismatch",
+                f"{_child(uri, MANIFEST)} has digest sha256:{actual}, expected sha256:{hex_digest}",
+            )
+        try:
+            manifest = json.loads(manifest_bytes)
+            listed = list(manifest["files"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AgentError(422, "InvalidManifest", f"{_child(uri, MANIFEST)}: no files list ({exc})") from exc
+        files = []
+        for item in listed:
+            path = _safe_relative(str(item.get("path", "")))
+            if path.startswith(SKIPPED_PREFIXES) or path == MANIFEST:
+                continue
+            files.append((path, str(item.get("sha256", "")), int(item.get("sizeBytes", -1))))
+        if not any(path == "adapter_config.json" for path, _, _ in files):
+            raise AgentError(422, "InvalidManifest", f"{_child(uri, MANIFEST)} lists no adapter_config.json")
+        partial = self.root / f".partial-{hex_digest[:16]}-{uuid.uuid4().hex[:8]}"
+        partial.mkdir(parents=True)
+        try:
+            total = 0
+            for path, expected_sha, expected_size in files:
+                dest = partial / path
+                self.source.download(uri, path, dest)
+                sha, size = _file_sha256(dest)
+                if expected_size >= 0 and size != expected_size:
+                    raise AgentError(
+                        422,
+                        "FileSizeMismatch",
+                        f"{_child(uri, path)} has {size} bytes, the manifest says {expected_size}",
+                    )
+                if sha != expected_sha:
+                    raise AgentError(
+                        422,
+                        "FileDigestMismatch",
+                        f"{_child(uri, path)} has sha256 {sha}, the manifest says {expected_sha}",
+                    )
+                total += size
+            (partial / MANIFEST).write_bytes(manifest_bytes)
+            (partial / ".uri").write_text(uri + "\n")
+            target = self.root / hex_digest
+            try:
+                partial.rename(target)
+            except OSError:
+                if self._entry(hex_digest) is None:
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)  # another writer finished first
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return Entry(f"sha256:{hex_digest}", target, uri, len(files), total)
+
+
+def preload() -> None:
+    """Import the S3 client now, so the first download does not pay for it."""
+    with contextlib.suppress(ImportError):
+        import minio  # noqa: F401
+
+        import kubelora.storage  # noqa: F401
+
+
+def build_app(store: AdapterStore) -> web.Application:
+    app = web.Application()
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=200, text="ok")
+
+    async def list_adapters(_: web.Request) -> web.Response:
+        entries = await asyncio.to_thread(store.list)
+        return web.json_response({"adapters": [e.to_json() for e in entries]})
+
+    async def get_adapter(request: web.Request) -> web.Response:
+        entry = await asyncio.to_thread(store.get, request.match_info["hex"])
+        if entry is None:
+            return AgentError(404, "NotFound", f"no adapter {request.match_info['hex']}").response()
+        return web.json_response(entry.to_json())
+
+    async def delete_adapter(request: web.Request) -> web.Response:
+        try:
+            deleted = await asyncio.to_thread(store.delete, request.match_info["hex"])
+        except AgentError as exc:
+            return exc.response()
+        return web.json_response({"deleted": deleted})
+
+    async def fetch_adapter(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return AgentError(400, "InvalidRequest", "the body is not JSON").response()
+        if not isinstance(body, dict):
+            return AgentError(400, "InvalidRequest", "the body must be a JSON object").response()
+        uri, digest = str(body.get("uri") or ""), str(body.get("digest") or "")
+        try:
+            entry, cached = await store.ensure(uri, digest)
+        except AgentError as exc:
+            log.warning("Adapter fetch failed uri=%s digest=%s reason=%s message=%s", uri, digest, exc.reason, exc)
+            return exc.response()
+        return web.json_response({**entry.to_json(), "cached": cached})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/adapters", list_adapters)
+    app.router.add_post("/v1/adapters", fetch_adapter)
+    app.router.add_get("/v1/adapters/{hex}", get_adapter)
+    app.router.add_delete("/v1/adapters/{hex}", delete_adapter)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kubelora.serving.agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="0.0.0.0", help="Address to bind (default 0.0.0.0)")  # noqa: S104
+    parser.add_argument("--port", type=int, default=int(os.environ.get("KUBELORA_AGENT_PORT", AGENT_PORT)))
+    parser.add_argument(
+        "--dir", default=DEFAULT_DIR, help=f"Adapter directory shared with vLLM (default {DEFAULT_DIR})"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    store = AdapterStore(Path(args.dir))
+    preload()
+    log.info("Starting adapter agent host=%s port=%d dir=%s", args.host, args.port, args.dir)
+    with contextlib.suppress(KeyboardInterrupt):
+        web.run_app(build_app(store), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,534 @@
+"""The chart, rendered without a cluster: lint, the strict values schema, and what each mode renders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helm.conftest import (
+    CHART,
+    KOPF_CRDS,
+    SOURCE_CRDS,
+    find,
+    one,
+    render,
+    run_helm,
+    set_args,
+    source_crds_present,
+    template,
+)
+
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
+MINIO = {"minio": {"enabled": True}}
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = one(docs, "Deployment", "kl-kubelora")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["operator"]
+    return containers[0]
+
+
+def rules_of(role: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples of a Role or ClusterRole."""
+    return [
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    ]
+
+
+def config_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "ConfigMap", "kl-kubelora")["data"]["config.yaml"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lint and schema
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED, MINIO], ids=["default", "namespaced", "minio"])
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "strict"])
+def test_helm_lint(values, strict):
+    args = ["lint", str(CHART), *set_args(values)]
+    if strict:
+        args.insert(1, "--strict")
+    result = run_helm(*args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"replicaCont": 2}, "replicaCont"),
+        ({"minio": {"persistance": {"enabled": False}}}, "persistance"),
+        ({"config": {"gpuPrices": {}}}, "gpuPrices"),
+        ({"crds": {"enabled": True, "keepp": True}}, "keepp"),
+        ({"containerSecurityContext": {"privilegd": True}}, "privilegd"),
+        ({"networkPolicy": {"enabled": True, "ingress": [{"form": []}]}}, "form"),
+    ],
+    ids=["top-level", "minio.persistence", "config", "crds", "securityContext", "networkPolicy.ingress"],
+)
+def test_schema_rejects_unknown_keys_by_name(values, named):
+    result = run_helm("template", "kl", str(CHART), *set_args(values), check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert named in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"config": {"executor": "cloud"}}, "executor"),
+        ({"replicaCount": "two"}, "replicaCount"),
+        ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
+        ({"config": {"gpuPricesPerHour": {"NVIDIA-L4": -1}}}, "gpuPricesPerHour"),
+        ({"minio": {"buckets": ["x; rm -rf /"]}}, "buckets"),
+        ({"image": {"repository": "r", "digest": "latest"}}, "digest"),
+    ],
+    ids=["executor-enum", "type", "namespace-name", "negative-price", "bucket-name", "digest"],
+)
+def test_schema_rejects_bad_values(values, field):
+    result = run_helm("template", "kl", str(CHART), *set_args(values), check=False)
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
+
+
+def walk_schema(node: Any, path: str = "") -> list[str]:
+    """Paths of object schemas that declare properties but leave additionalProperties open."""
+    open_objects = []
+    if isinstance(node, dict):
+        if "properties" in node and node.get("additionalProperties") is not False:
+            open_objects.append(path or "/")
+        for key, value in node.items():
+            open_objects += walk_schema(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            open_objects += walk_schema(value, f"{path}/{index}")
+    return open_objects
+
+
+def test_schema_is_closed_at_every_level_and_covers_values_yaml():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert walk_schema(schema) == []
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node or "allOf" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node["allOf"][0]
+        return node
+
+    def check(value: Any, node: dict[str, Any], path: str) -> None:
+        node = resolve(node)
+        if isinstance(value, dict) and "properties" in node:
+            for key, child in value.items():
+                assert key in node["properties"], f"{path}.{key} is in values.yaml but not in values.schema.json"
+                check(child, node["properties"][key], f"{path}.{key}")
+
+    check(values, schema, "values")
+
+
+def test_values_yaml_documents_every_key():
+    """Every key of values.yaml has a comment on the lines above it, or belongs to a documented block."""
+    undocumented = []
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")) or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        previous = lines[index - 1].strip() if index else ""
+        if indent == 0 and not previous.startswith("#"):
+            undocumented.append(stripped.split(":")[0])
+    assert undocumented == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Default (cluster mode)
+
+
+def test_default_render_runs_one_restricted_operator_for_all_namespaces():
+    docs = render()
+    deployment = one(docs, "Deployment", "kl-kubelora")
+    assert deployment["metadata"]["namespace"] == "kubelora-system"
+    assert deployment["spec"]["replicas"] == 1
+    pod = deployment["spec"]["template"]["spec"]
+    container = operator_container(docs)
+    assert container["image"] == f"ghcr.io/kubelora/operator:{APP_VERSION}"
+    assert container["args"] == [
+        "--all-namespaces",
+        "--config=/etc/kubelora/config.yaml",
+        "--metrics-port=8080",
+        "--health-port=8081",
+        "--peering=kl-kubelora",
+    ]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["serviceAccountName"] == "kl-kubelora"
+    assert "tolerations" not in pod, "the operator needs no GPU node"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/etc/kubelora", "/tmp"} <= mounts
+    assert (
+        deployment["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_every_namespaced_object_names_its_namespace():
+    for values in ({}, NAMESPACED, MINIO, {"prometheus": {"servicemonitor": {"enabled": True}}}):
+        for doc in render(values):
+            cluster_scoped = doc["kind"] in {
+                "CustomResourceDefinition",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ClusterKopfPeering",
+            }
+            assert cluster_scoped != bool(doc["metadata"].get("namespace")), (doc["kind"], doc["metadata"])
+
+
+def test_config_file_carries_operator_settings():
+    config = config_of(render())
+    assert config == {
+        "trainerImage": f"ghcr.io/kubelora/trainer:{APP_VERSION}",
+        "trainerUid": 65532,
+        "gpuPricesPerHour": {
+            "NVIDIA-A100-SXM4-80GB": 3.67,
+            "NVIDIA-A100-SXM4-40GB": 3.06,
+            "NVIDIA-H100-80GB-HBM3": 6.98,
+            "NVIDIA-L4": 0.81,
+            "NVIDIA-A10G": 1.01,
+            "Tesla-T4": 0.53,
+        },
+        "defaultGpuPricePerHour": 2.0,
+        "s3Secure": False,
+        "progressIntervalSeconds": 15,
+        "executor": "job",
+        "shmSizePerGpu": "16Gi",
+    }
+    pinned = config_of(
+        render(
+            {
+                "trainer": {"image": {"repository": "registry.example/trainer", "digest": "sha256:" + "a" * 64}},
+                "config": {"executor": "local", "gpuPricesPerHour": {"NVIDIA-L4": 1.5, "Tesla-T4": None}},
+                "s3": {"endpoint": "https://s3.example.com", "existingSecret": "s3-creds"},
+            }
+        )
+    )
+    assert pinned["trainerImage"] == "registry.example/trainer@sha256:" + "a" * 64
+    assert pinned["executor"] == "local"
+    # Helm merges maps: one key changes, null removes one, the other defaults stay.
+    assert pinned["gpuPricesPerHour"]["NVIDIA-L4"] == 1.5
+    assert "Tesla-T4" not in pinned["gpuPricesPerHour"]
+    assert pinned["gpuPricesPerHour"]["NVIDIA-A100-SXM4-80GB"] == 3.67
+    assert pinned["defaultS3Endpoint"] == "https://s3.example.com"
+    assert pinned["s3Secure"] is True
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        NAMESPACED,
+        MINIO,
+        {"s3": {"endpoint": "s3.example.com:9000", "secure": True}, "config": {"executor": "local"}},
+    ],
+    ids=["default", "namespaced", "minio", "s3"],
+)
+def test_config_file_is_accepted_by_the_operator(values, tmp_path):
+    """The operator's own loader (extra keys forbidden) reads what the chart renders."""
+    config_module = pytest.importorskip("kubelora.operator.config")
+    path = tmp_path / "config.yaml"
+    path.write_text(one(render(values), "ConfigMap", "kl-kubelora")["data"]["config.yaml"])
+    loaded = config_module.OperatorConfig.load(path)
+    assert loaded.trainer_image.endswith(f":{APP_VERSION}")
+    assert loaded.executor == values.get("config", {}).get("executor", "job")
+    assert loaded.price_per_hour("NVIDIA-A100-SXM4-80GB") == 3.67
+
+
+def test_config_change_rolls_the_operator():
+    def checksum(values: dict[str, Any]) -> str:
+        deployment = one(render(values), "Deployment", "kl-kubelora")
+        return str(deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
+
+    assert checksum({}) != checksum({"config": {"progressIntervalSeconds": 30}})
+
+
+def test_cluster_mode_rbac_is_least_privilege():
+    docs = render()
+    role = one(docs, "ClusterRole", "kl-kubelora")
+    granted = set(rules_of(role))
+    assert not [r for r in granted if "*" in r], "no wildcards"
+    expected = {
+        ("batch", "jobs", "create"),
+        ("batch", "jobs", "delete"),
+        ("kubelora.dev", "lorajobs/status", "patch"),
+        ("kubelora.dev", "adapterdeployments/finalizers", "update"),
+        ("apps", "deployments", "patch"),
+        ("", "services", "create"),
+        ("", "secrets", "get"),
+        ("", "nodes", "watch"),
+        ("", "events", "create"),
+        ("events.k8s.io", "events", "create"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("", "namespaces", "watch"),
+        ("kopf.dev", "clusterkopfpeerings", "patch"),
+    }
+    assert expected <= granted, expected - granted
+    assert {v for g, r, v in granted if r == "secrets"} == {"get"}
+    assert {v for g, r, v in granted if r == "nodes"} == {"get", "list", "watch"}
+    assert {v for g, r, v in granted if r == "pods"} == {"get", "list", "watch"}
+    assert {v for g, r, v in granted if r == "configmaps"} == {"get", "list", "watch"}
+    assert not [r for r in granted if r[0] == "rbac.authorization.k8s.io"]
+    binding = one(docs, "ClusterRoleBinding", "kl-kubelora")
+    assert binding["roleRef"]["name"] == "kl-kubelora"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kl-kubelora", "namespace": "kubelora-system"}]
+    assert find(docs, "Role") == [] and find(docs, "RoleBinding") == []
+    peering = one(docs, "ClusterKopfPeering", "kl-kubelora")
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert find(docs, "KopfPeering") == []
+
+
+def test_aggregated_roles_let_namespace_editors_use_lorajobs():
+    docs = render()
+    edit = one(docs, "ClusterRole", "kl-kubelora-edit")
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert ("kubelora.dev", "lorajobs", "create") in rules_of(edit)
+    view = one(docs, "ClusterRole", "kl-kubelora-view")
+    assert {v for _, _, v in rules_of(view)} == {"get", "list", "watch"}
+    assert find(render({"rbac": {"aggregateClusterRoles": False}}), "ClusterRole", "kl-kubelora-edit") == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Namespaced mode
+
+
+def test_namespaced_mode_uses_roles_in_watched_namespaces_only():
+    docs = render(NAMESPACED)
+    assert operator_container(docs)["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
+    assert "--all-namespaces" not in operator_container(docs)["args"]
+    cluster_roles = [r for r in find(docs, "ClusterRole") if not r["metadata"]["name"].endswith(("-view", "-edit"))]
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["kl-kubelora-cluster-read"]
+    assert set(rules_of(cluster_roles[0])) == {
+        ("", "nodes", "get"),
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
+    for namespace in ("team-a", "team-b"):
+        role = one(docs, "Role", "kl-kubelora", namespace)
+        granted = set(rules_of(role))
+        assert ("", "secrets", "get") in granted
+        assert ("batch", "jobs", "create") in granted
+        assert ("kopf.dev", "kopfpeerings", "patch") in granted
+        binding = one(docs, "RoleBinding", "kl-kubelora", namespace)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kl-kubelora"}
+        assert binding["subjects"][0]["namespace"] == "kubelora-system"
+        one(docs, "KopfPeering", "kl-kubelora", namespace)
+    assert find(docs, "Role", namespace="kubelora-system") == []
+    assert find(docs, "ClusterKopfPeering") == []
+
+
+def test_peering_can_be_turned_off_for_a_single_replica():
+    docs = render({"peering": {"enabled": False}})
+    assert not [a for a in operator_container(docs)["args"] if a.startswith("--peering")]
+    assert find(docs, "ClusterKopfPeering") == []
+    result = run_helm(
+        "template", "kl", str(CHART), *set_args({"peering": {"enabled": False}, "replicaCount": 2}), check=False
+    )
+    assert result.returncode != 0 and "peering" in result.stderr
+
+
+def test_standby_replicas_with_peering():
+    docs = render({"replicaCount": 3, "strategy": {"type": "RollingUpdate"}, "peering": {"name": "shared"}})
+    deployment = one(docs, "Deployment", "kl-kubelora")
+    assert deployment["spec"]["replicas"] == 3
+    assert "--peering=shared" in operator_container(docs)["args"]
+    one(docs, "ClusterKopfPeering", "shared")
+    env = {e["name"]: e for e in operator_container(docs)["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CRDs
+
+
+def crd_names(docs: list[dict[str, Any]]) -> set[str]:
+    return {d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")}
+
+
+def test_crds_follow_enabled_keep_and_kopf_peering():
+    kept = find(render({"crds": {"enabled": True, "keep": True}}), "CustomResourceDefinition")
+    assert set(KOPF_CRDS) <= {c["metadata"]["name"] for c in kept}
+    for crd in kept:
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", crd["metadata"]["name"]
+        assert crd["metadata"]["labels"]["app.kubernetes.io/instance"] == "kl"
+    for crd in find(render({"crds": {"enabled": True, "keep": False}}), "CustomResourceDefinition"):
+        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    assert crd_names(render({"crds": {"enabled": False}})) == set()
+    assert not crd_names(render({"crds": {"kopfPeering": False}})) & set(KOPF_CRDS)
+
+
+def test_kopf_peering_crds_match_kopf():
+    """kopf patches .status of a peering object directly, so no status subresource and open status."""
+    docs = find(render(), "CustomResourceDefinition")
+    for name, scope, kind in (
+        ("clusterkopfpeerings.kopf.dev", "Cluster", "ClusterKopfPeering"),
+        ("kopfpeerings.kopf.dev", "Namespaced", "KopfPeering"),
+    ):
+        crd = one(docs, "CustomResourceDefinition", name)
+        assert crd["spec"]["group"] == "kopf.dev" and crd["spec"]["scope"] == scope
+        assert crd["spec"]["names"]["kind"] == kind
+        (version,) = crd["spec"]["versions"]
+        assert version["name"] == "v1" and version["served"] and version["storage"]
+        assert "subresources" not in version
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def test_chart_crds_are_in_sync_with_crds_dir():
+    if not source_crds_present():
+        pytest.skip("crds/ holds no generated CRDs yet (run `make crds`)")
+    result = subprocess.run(
+        [sys.executable, str(CHART / "sync-crds.py"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_rendered_crds_equal_the_generated_ones():
+    if not source_crds_present():
+        pytest.skip("crds/ holds no generated CRDs yet (run `make crds`)")
+    rendered = {d["metadata"]["name"]: d for d in find(render({"crds": {"keep": True}}), "CustomResourceDefinition")}
+    for path in sorted(SOURCE_CRDS.glob("*.yaml")):
+        for source in yaml.safe_load_all(path.read_text()):
+            if not (isinstance(source, dict) and source.get("kind") == "CustomResourceDefinition"):
+                continue
+            name = source["metadata"]["name"]
+            assert name in rendered, f"{name} from {path.name} is not in the chart"
+            assert rendered[name]["spec"] == source["spec"], name
+            for key, value in (source["metadata"].get("labels") or {}).items():
+                assert rendered[name]["metadata"]["labels"][key] == value
+
+
+def test_sync_script_wraps_escapes_and_prunes(tmp_path):
+    source, dest = tmp_path / "crds", tmp_path / "chart-crds"
+    source.mkdir()
+    dest.mkdir()
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.kubelora.dev"},
+        "spec": {"group": "kubelora.dev", "description": "a {{ literal }} brace"},
+    }
+    (source / "widgets.yaml").write_text(yaml.safe_dump(crd))
+    (dest / "hand-written.yaml").write_text("kind: Keep\n")
+    (dest / "gone.yaml").write_text("{{- /* Generated by helm/kubelora/sync-crds.py from crds/gone.yaml */ -}}\n")
+    script = [sys.executable, str(CHART / "sync-crds.py"), "--source", str(source), "--dest", str(dest)]
+
+    assert subprocess.run([*script, "--check"], capture_output=True, check=False).returncode == 1
+    subprocess.run(script, capture_output=True, check=True)
+    assert subprocess.run([*script, "--check"], capture_output=True, check=False).returncode == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["hand-written.yaml", "widgets.yaml"]
+    text = (dest / "widgets.yaml").read_text()
+    assert "{{- if .Values.crds.enabled }}" in text and "helm.sh/resource-policy: keep" in text
+    assert '{{ "{{" }} literal }}' in text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# S3 and MinIO
+
+
+def test_existing_s3_service_and_secret_reach_the_operator():
+    docs = render({"s3": {"endpoint": "s3.example.com:443", "region": "eu-west-1", "existingSecret": "s3-creds"}})
+    env = {e["name"]: e for e in operator_container(docs)["env"]}
+    assert env["S3_ENDPOINT"]["value"] == "s3.example.com:443"
+    assert env["S3_REGION"]["value"] == "eu-west-1"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "accessKey"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "secretKey"}
+    assert find(docs, "Deployment", "kl-kubelora-minio") == []
+
+
+def test_minio_for_evaluation():
+    docs = render(MINIO)
+    secret = one(docs, "Secret", "kl-kubelora-minio")
+    assert set(secret["data"]) == {"accessKey", "secretKey"}
+    one(docs, "PersistentVolumeClaim", "kl-kubelora-minio")
+    service = one(docs, "Service", "kl-kubelora-minio")
+    assert service["spec"]["ports"][0]["port"] == 9000
+    deployment = one(docs, "Deployment", "kl-kubelora-minio")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"].startswith("quay.io/minio/minio:RELEASE.")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "models" in container["lifecycle"]["postStart"]["exec"]["command"][-1]
+    assert service["spec"]["selector"] != one(docs, "Service", "kl-kubelora-metrics")["spec"]["selector"]
+    endpoint = "kl-kubelora-minio.kubelora-system.svc:9000"
+    assert config_of(docs)["defaultS3Endpoint"] == endpoint
+    env = {e["name"]: e for e in operator_container(docs)["env"]}
+    assert env["S3_ENDPOINT"]["value"] == endpoint
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "kl-kubelora-minio"
+
+    ephemeral = render({"minio": {"enabled": True, "persistence": {"enabled": False}, "existingSecret": "mine"}})
+    assert find(ephemeral, "PersistentVolumeClaim") == [] and find(ephemeral, "Secret") == []
+    result = run_helm("template", "kl", str(CHART), *set_args({**MINIO, "s3": {"endpoint": "s3:9000"}}), check=False)
+    assert result.returncode != 0 and "either s3.endpoint" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optional objects
+
+
+def test_metrics_service_and_service_monitor():
+    docs = render({"prometheus": {"servicemonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    service = one(docs, "Service", "kl-kubelora-metrics")
+    assert service["spec"]["ports"] == [
+        {"name": "http-metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    monitor = one(docs, "ServiceMonitor", "kl-kubelora")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http-metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert find(render(), "ServiceMonitor") == []
+
+
+def test_network_policy():
+    assert find(render(), "NetworkPolicy") == []
+    policy = one(render({"networkPolicy": {"enabled": True}}), "NetworkPolicy", "kl-kubelora")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+
+
+def test_operator_flags_exist_in_the_cli():
+    """Every flag the Deployment passes is an option of `kubelora operator`."""
+    typer = pytest.importorskip("typer")
+    cli = pytest.importorskip("kubelora.cli")
+    command = typer.main.get_command(cli.app)
+    operator = getattr(command, "commands", {}).get("operator")
+    assert operator is not None, "`kubelora operator` is not a command of kubelora.cli:app"
+    options = {opt for param in operator.params for opt in getattr(param, "opts", [])}
+    args = set()
+    for values in ({}, NAMESPACED):
+        args |= {a.split("=", 1)[0] for a in operator_container(render(values))["args"]}
+    assert args <= options, args - options
+
+
+def test_template_without_cluster_is_deterministic_apart_from_minio_password():
+    assert template() == template()

@@ -1,0 +1,285 @@
+"""The AdapterDeployment state machine with fake Kubernetes and fake pods (no cluster, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubelora.operator import adapterdeployments as ads
+from kubelora.operator.config import OperatorConfig
+
+NS = "team"
+BASE = "kubelora/tiny-llama"
+
+
+def publish(root: Path, name: str, answers: list[str], rank: int = 8, base: str = BASE) -> tuple[str, str]:
+    """A file:// adapter with eval samples; returns (uri, digest)."""
+    directory = root / name
+    directory.mkdir(parents=True)
+    files = {
+        "adapter_config.json": json.dumps({"r": rank}).encode(),
+        "adapter_model.safetensors": name.encode(),
+        "eval/samples.jsonl": "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "adapter": a}) + "\n"
+            for i, a in enumerate(answers)
+        ).encode(),
+    }
+    entries = []
+    for path, data in files.items():
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_bytes(data)
+        entries.append({"path": path, "sizeBytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = json.dumps({"baseModel": {"name": base}, "files": entries}).encode()
+    (directory / "kubelora-manifest.json").write_bytes(manifest)
+    return f"file://{directory}/", "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+class FakeKube:
+    def __init__(self, pods: int) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.pods: list[dict[str, Any]] = [
+            {
+                "metadata": {"name": f"vllm-{i:02d}", "uid": f"uid-{i}", "annotations": {}},
+                "status": {
+                    "phase": "Running",
+                    "podIP": f"127.1.0.{i + 1}",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            }
+            for i in range(pods)
+        ]
+        self.patches: list[dict[str, Any]] = []
+
+    def get_adapterdeployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get(name))
+
+    def get_lorajob(self, namespace: str, name: str) -> None:
+        return None
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, str]:
+        return {}
+
+    def get_deployment(self, namespace: str, name: str) -> dict[str, Any]:
+        return {"spec": {"selector": {"matchLabels": {"app": "vllm"}}}}
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        assert selector == "app=vllm"
+        return copy.deepcopy(self.pods)
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.patches.append(status)
+        current = self.objects[name].setdefault("status", {})
+        for key, value in status.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+
+
+class FakePods:
+    """vLLM and the agent of every pod; an adapter answers its samples only if it is the right one."""
+
+    def __init__(self, answers: dict[str, list[str]], broken: set[str] | None = None) -> None:
+        self.served: dict[str, dict[str, str]] = {}
+        self.answers = answers  # digest hex -> answers in sample order
+        self.broken = broken or set()  # digests whose load fails
+        self.loads = 0
+
+    async def models(self, pod: ads.Pod) -> dict[str, str]:
+        return {BASE: BASE, **self.served.get(pod.name, {})}
+
+    async def fetch(self, pod: ads.Pod, uri: str, digest: str) -> str:
+        return f"/adapters/{digest.split(':', 1)[1]}"
+
+    async def load(self, pod: ads.Pod, name: str, path: str, replace: bool) -> None:
+        self.loads += 1
+        if f"sha256:{Path(path).name}" in self.broken:
+            raise ads.PodError("load", "LoRA rank 8 is greater than max_lora_rank 4.")
+        served = self.served.setdefault(pod.name, {})
+        assert replace == (name in served)
+        served[name] = path
+
+    async def unload(self, pod: ads.Pod, name: str) -> bool:
+        return self.served.get(pod.name, {}).pop(name, None) is not None
+
+    async def forget(self, pod: ads.Pod, digest: str) -> None:
+        return None
+
+    async def generate(self, pod: ads.Pod, model: str, sample: dict[str, Any], max_tokens: int) -> str:
+        digest = Path(self.served[pod.name][model]).name
+        index = int(sample["messages"][0]["content"][1:])
+        return self.answers[digest][index]
+
+
+def runtime(kube: FakeKube, pods: FakePods) -> ads.Runtime:
+    settings = ads.Settings(backoff_base_seconds=0.0, rollout_max_attempts=2)
+    rt = ads.Runtime(kube, http=None, config=OperatorConfig(), settings=settings)
+    rt.pods = pods  # type: ignore[assignment]
+
+    async def inline(func: Any, *args: Any) -> Any:
+        return func(*args)
+
+    rt.to_thread = inline
+    return rt
+
+
+def add(kube: FakeKube, name: str, uri: str, digest: str, *, auto_rollback: bool = True, generation: int = 1) -> None:
+    kube.objects[name] = {
+        "apiVersion": "kubelora.dev/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": generation},
+        "spec": {
+            "adapter": {"uri": uri, "digest": digest},
+            "servedName": name,
+            "target": {"deploymentName": "vllm", "baseModel": BASE, "maxLoraRank": 16},
+            "gatePolicy": {"requireEvalPassed": False},
+            "rollout": {"strategy": "Canary", "canaryReplicas": 2, "smokePrompts": 3, "autoRollback": auto_rollback},
+        },
+    }
+
+
+def settle(rt: ads.Runtime, name: str, passes: int = 6) -> dict[str, Any]:
+    async def run() -> None:
+        for _ in range(passes):
+            await ads.reconcile(rt, NS, name)
+
+    asyncio.run(run())
+    return dict(rt.kube.objects[name]["status"])
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    return {
+        "a": publish(tmp_path, "a", ["x", "y", "z"]),
+        "b": publish(tmp_path, "b", ["1", "2", "3"]),
+        "rank32": publish(tmp_path, "rank32", ["r"], rank=32),
+    }
+
+
+def answers_for(published: dict[str, tuple[str, str]]) -> dict[str, list[str]]:
+    return {
+        published["a"][1].split(":")[1]: ["x", "y", "z"],
+        published["b"][1].split(":")[1]: ["1", "2", "3"],
+    }
+
+
+def test_canary_then_promote_then_swap(published):
+    kube, pods = FakeKube(5), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    status = settle(rt, "svc")
+    assert (status["phase"], status["loadedReplicas"], status["desiredReplicas"]) == ("Ready", 5, 5)
+    phases = [p.get("phase") for p in kube.patches if p.get("phase")]
+    assert phases == ["Canary", "Promoting", "Ready"]
+    canary_writes = [p for p in kube.patches if p.get("loadedReplicas") == 2]
+    assert canary_writes, "the loaded canary (2 of 5) is written before the smoke check"
+    kube.objects["svc"]["spec"]["adapter"] = dict(zip(("uri", "digest"), published["b"], strict=True))
+    kube.objects["svc"]["metadata"]["generation"] = 2
+    status = settle(rt, "svc")
+    assert status["activeDigest"] == published["b"][1] and status["previousDigest"] == published["a"][1]
+    assert status["phase"] == "Ready"
+    assert {Path(p["svc"]).name for p in pods.served.values()} == {published["b"][1].split(":")[1]}
+
+
+def test_load_failures_on_the_canary_roll_back(published):
+    kube = FakeKube(3)
+    pods = FakePods(answers_for(published), broken={published["b"][1]})
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    assert settle(rt, "svc")["phase"] == "Ready"
+    kube.objects["svc"]["spec"]["adapter"] = dict(zip(("uri", "digest"), published["b"], strict=True))
+    kube.objects["svc"]["metadata"]["generation"] = 2
+    status = settle(rt, "svc", passes=8)
+    assert status["phase"] == "RolledBack"
+    assert status["activeDigest"] == published["a"][1] and status["previousDigest"] == published["b"][1]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "RolledBack" and "LoadFailed" in ready["message"]
+    assert "max_lora_rank 4" in ready["message"]
+    loads = pods.loads
+    settle(rt, "svc", passes=4)
+    assert pods.loads == loads, "the rejected adapter is not tried again for the same spec"
+
+
+def test_without_auto_rollback_the_rollout_fails_and_stays(published):
+    kube = FakeKube(3)
+    # b's samples do not match what b answers: the smoke check fails
+    pods = FakePods({**answers_for(published), published["b"][1].split(":")[1]: ["no", "no", "no"]})
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"], auto_rollback=False)
+    settle(rt, "svc")
+    kube.objects["svc"]["spec"]["adapter"] = dict(zip(("uri", "digest"), published["b"], strict=True))
+    status = settle(rt, "svc")
+    assert status["phase"] == "Failed"
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert progressing["reason"] == "SmokeCheckFailed" and "0/6 answers matched" in progressing["message"]
+    # the canary pods keep b, the others a: nothing is touched until the spec changes
+    served = sorted(Path(p["svc"]).name[:4] for p in pods.served.values())
+    assert served == sorted([published["a"][1][7:11]] + [published["b"][1][7:11]] * 2)
+
+
+def test_replica_list_is_bounded_with_failures_first(published):
+    kube = FakeKube(60)
+    pods = FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    kube.objects["svc"]["spec"]["rollout"]["strategy"] = "AllAtOnce"
+    rt.settings.allowed_pod_networks = (ipaddress.ip_network("127.1.0.0/26"),)  # .1-.63 allowed
+    kube.pods[59]["status"]["podIP"] = "10.0.0.7"  # never contacted
+    status = settle(rt, "svc")
+    assert status["desiredReplicas"] == 60 and status["loadedReplicas"] == 59
+    assert len(status["replicas"]) == ads.MAX_REPLICA_ENTRIES
+    first = status["replicas"][0]
+    assert first["pod"] == "vllm-59" and first["state"] == "Failed" and "KUBELORA_POD_CIDRS" in first["message"]
+    assert status["loaded"] == "59/60"
+    assert "vllm-59" not in pods.served
+
+
+def test_rank_gate_refuses_and_keeps_serving_the_active_adapter(published):
+    kube, pods = FakeKube(2), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    settle(rt, "svc")
+    kube.objects["svc"]["spec"]["adapter"] = dict(zip(("uri", "digest"), published["rank32"], strict=True))
+    status = settle(rt, "svc", passes=2)
+    assert status["phase"] == "Refused"
+    assert "rank 32 exceeds spec.target.maxLoraRank 16" in status["message"]
+    assert "still serving" in status["message"]
+    assert status["activeDigest"] == published["a"][1] and status["loadedReplicas"] == 2
+
+
+def test_helpers():
+    selector = {
+        "matchLabels": {"app": "vllm", "tier": "gpu"},
+        "matchExpressions": [
+            {"key": "zone", "operator": "In", "values": ["a", "b"]},
+            {"key": "canary", "operator": "DoesNotExist"},
+        ],
+    }
+    assert ads.label_selector(selector) == "app=vllm,tier=gpu,zone in (a,b),!canary"
+    assert ads.digest_of_root("/adapters/" + "ab" * 32) == "sha256:" + "ab" * 32
+    assert ads.digest_of_root("/models/my-lora") is None
+    assert ads.identity("hf://Meta-Llama/Llama-3.1-8B/") == ads.identity("meta-llama/llama-3.1-8b")
+    gates = {
+        "gates": [
+            {
+                "metric": "f1",
+                "rule": "minImprovementOverBase",
+                "threshold": 0.05,
+                "value": 0.61,
+                "baseValue": 0.6,
+                "passed": False,
+            },
+            {"metric": "loss", "passed": True},
+        ]
+    }
+    assert ads.describe_failed_gates(gates) == "f1 minImprovementOverBase 0.05: adapter 0.61, base 0.6"
+    pods = [ads.Pod(n, n, "127.0.0.1", 8000, 8001) for n in ("a", "b", "c")]
+    assert [p.name for p in ads.choose_canary(pods, {"c": "sha256:x"}, "sha256:x", 2)] == ["c", "a"]
+    assert ads.managed_name("x" * 60).startswith("x" * 50) and len(ads.managed_name("x" * 60)) <= 63

@@ -1,0 +1,5 @@
+import sys
+
+from kubelora.trainer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,283 @@
+"""``python -m kubelora.trainer --spec FILE [--report-file FILE] [--workdir DIR]``.
+
+Runs config → fetch → model and tokenizer → data → train → evaluate → publish → report. Exit codes:
+0 the run completed and the adapter is published (the ``result`` event's ``eval.passed`` says whether
+the gates passed; ``--gates-failed-exit-code`` makes failed gates exit non-zero), 1 an error a retry
+may fix, 3 an error a retry cannot fix (bad spec or data, model does not fit), 2 bad command line,
+143 stopped by SIGTERM after saving a checkpoint. Every error also writes an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from kubelora.api.v1alpha1 import dump
+from kubelora.trainer import config as config_mod
+from kubelora.trainer import data, evaluate, fetch, modeling, preflight, publish, train
+from kubelora.trainer.errors import EXIT_SUCCEEDED, InvalidSpecError, TrainerError
+from kubelora.trainer.report import Reporter, kv, setup_logging
+from kubelora.trainer.storage import parse_uri, store_for
+
+log = logging.getLogger("kubelora.trainer")
+
+
+def _fingerprint(cfg: config_mod.TrainerConfig, config_sha: str, datasets: dict[str, Any]) -> str:
+    """What a checkpoint must share with this run to be resumed from."""
+    body = {
+        "layout": 1,
+        "hyperparameters": cfg.hyperparameters(),
+        "baseConfigSha256": config_sha,
+        "train": datasets["train"].sha256,
+        "validation": datasets["validation"].sha256 if datasets.get("validation") else None,
+        "validationSplit": cfg.spec.dataset.validation_split,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_dataset(uri: str, role: str, cfg: config_mod.TrainerConfig, fmt: str) -> data.DatasetFile:
+    path = fetch.fetch_dataset(uri, cfg.workdir, role)
+    name = parse_uri(uri).name or path.name
+    return data.read_jsonl(path, fmt, name=name, uri=uri, max_bad_rows=cfg.spec.dataset.max_bad_rows)
+
+
+def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exit_code: int = 0) -> int:
+    spec = cfg.spec
+    rt = modeling.choose_runtime(spec.method)
+    reporter.phase("Training", step="fetch")
+
+    # fetch (config first) and preflight: fail before any weights move
+    config_dir, config_sha = fetch.fetch_base_config(
+        spec.base_model.uri, cfg.workdir, revision=spec.base_model.revision
+    )
+    base_config = modeling.read_config(config_dir)
+    threads = modeling.configure_cpu_threads(base_config, rt)
+    est, layers = preflight.check(
+        cfg,
+        base_config,
+        config_dir,
+        rt,
+        on_estimate=lambda e: reporter.info("estimate", None, mirror=True, **e.to_dict()),
+    )
+
+    # data: parse every dataset now, so a malformed row fails before the model loads
+    fmt = spec.dataset.format
+    datasets: dict[str, data.DatasetFile | None] = {"train": _read_dataset(spec.dataset.train, "train", cfg, fmt)}
+    datasets["validation"] = (
+        _read_dataset(spec.dataset.validation, "validation", cfg, fmt) if spec.dataset.validation else None
+    )
+    if spec.eval is not None:
+        datasets["test"] = _read_dataset(spec.eval.test_set, "test", cfg, fmt)
+        datasets["regression"] = (
+            _read_dataset(spec.eval.regression.dataset, "regression", cfg, fmt) if spec.eval.regression else None
+        )
+    base = fetch.fetch_base_model(
+        spec.base_model.uri,
+        cfg.workdir,
+        revision=spec.base_model.revision,
+        trust_remote_code=spec.base_model.trust_remote_code,
+    )
+
+    # model and tokenizer
+    reporter.phase("Training", step="model")
+    model, tok = modeling.load_for_training(base.directory, spec, rt)
+    trainable = modeling.trainable_parameters(model)
+    reporter.info(
+        "model",
+        "Loaded model",
+        method=spec.method,
+        device=rt.device,
+        precision=rt.precision_name,
+        trainableParameters=trainable,
+        quantizedLayers=modeling.quantized_layers(model),
+        cpuThreads=threads,
+    )
+    if trainable != est.trainable_parameters:
+        log.warning(
+            kv("Estimated trainable parameters differ from peft's", estimate=est.trainable_parameters, peft=trainable)
+        )
+    renderer = data.Renderer(tok)
+
+    # data: split and tokenize
+    train_file = datasets["train"]
+    assert train_file is not None
+    if datasets["validation"] is not None:
+        train_ex, val_ex = train_file.examples, datasets["validation"].examples
+    else:
+        train_ex, val_ex = data.split(train_file.examples, spec.dataset.validation_split, spec.training.seed)
+    max_len = spec.training.max_seq_length
+    train_rows, stats = data.tokenize(train_ex, renderer, max_len)
+    val_rows, _ = data.tokenize(val_ex, renderer, max_len)
+    if not train_rows:
+        raise InvalidSpecError("no training rows left after tokenization")
+    if spec.training.packing:
+        train_rows = data.pack(train_rows, max_len)
+    est = preflight.estimate(cfg, base_config, layers, rt, train_tokens=stats["tokens"], train_examples=len(train_rows))
+    reporter.info("estimate", "Estimate", mirror=True, **est.to_dict())
+    reporter.info(
+        "data",
+        "Data ready",
+        trainRows=len(train_rows),
+        validationRows=len(val_rows),
+        trainTokens=stats["tokens"],
+        truncated=stats["truncated"],
+    )
+
+    # train
+    reporter.phase("Training", step="train")
+    fingerprint = _fingerprint(cfg, config_sha, datasets)
+    outcome = train.run(cfg, model, tok, train_rows, val_rows, rt, reporter, fingerprint)
+
+    # evaluate
+    evaluation = None
+    if spec.eval is not None:
+        reporter.phase("Evaluating")
+        test_file = datasets["test"]
+        assert test_file is not None
+        held = [model]
+        del model
+        evaluation = evaluate.run(
+            cfg, held, tok, renderer, rt, test_file, datasets.get("regression"), base.directory, outcome.adapter_dir
+        )
+        out = parse_uri(cfg.output_uri)
+        evaluation.results.samples_uri = out.child("eval", "samples.jsonl").uri
+    else:
+        del model
+
+    # publish
+    reporter.phase("Publishing")
+    merged_dir = None
+    if spec.output.merged_model:
+        merged_dir = publish_merged(cfg, base.directory, outcome.adapter_dir, tok, rt)
+    identity = publish.base_model_identity(spec.base_model.uri)
+    eval_doc = None
+    if evaluation is not None:
+        eval_doc = {"eval": dump(evaluation.results), **evaluation.details}
+    files = publish.stage(
+        cfg.workdir, outcome.adapter_dir, identity, eval_doc, evaluation.samples if evaluation else None, merged_dir
+    )
+    body = publish.manifest_body(
+        cfg=cfg,
+        base=base,
+        base_config=base_config,
+        datasets=datasets,
+        estimate=est.to_dict(),
+        outcome=outcome,
+        evaluation=evaluation,
+        chat_template=renderer.template_source,
+        precision=rt.precision_name,
+        trainable_parameters=trainable,
+    )
+    artifact = publish.publish(
+        cfg.output_uri,
+        files,
+        body,
+        trainable_parameters=trainable,
+        rank=spec.lora.rank,
+        base_identity=identity,
+        workdir=cfg.workdir,
+    )
+
+    # report
+    reporter.result(
+        evaluation.results if evaluation else None,
+        artifact,
+        training={
+            "steps": outcome.global_step,
+            "totalSteps": outcome.total_steps,
+            "resumedFromStep": outcome.resumed_from_step,
+            "trainLoss": outcome.train_loss,
+            "evalLoss": outcome.eval_loss,
+            "seconds": round(outcome.seconds, 3),
+            "tokensPerSecond": outcome.tokens_per_second,
+        },
+    )
+    if evaluation is not None and not evaluation.results.passed:
+        return gates_failed_exit_code
+    return EXIT_SUCCEEDED
+
+
+def publish_merged(cfg: config_mod.TrainerConfig, model_dir: Path, adapter_dir: Path, tok: Any, rt: Any) -> Path:
+    """The base with the adapter merged in, in serving precision (bf16 on GPU or for QLoRA)."""
+    import torch
+    from peft import PeftModel
+
+    dtype = torch.bfloat16 if (rt.device == "cuda" or rt.quantized) else rt.dtype
+    base = modeling.load_base(model_dir, cfg.spec, rt, quantized=False, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    out = cfg.workdir / "merged"
+    shutil.rmtree(out, ignore_errors=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kubelora.trainer", description="Train a LoRA adapter from a LoRAJob spec"
+    )
+    p.add_argument("--spec", required=True, type=Path, help="LoRAJob manifest or bare spec (YAML or JSON)")
+    p.add_argument("--report-file", type=Path, help="append JSON-lines events here")
+    p.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one, removed at the end)")
+    p.add_argument(
+        "--gates-failed-exit-code",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit code when the run completes but evaluation gates fail (default 0: the result event tells)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    modeling.quiet_libraries()
+    tmp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="kubelora-")) if tmp else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(args.report_file)
+    try:
+        cfg = config_mod.load(args.spec, workdir=workdir, report_file=args.report_file)
+        out = parse_uri(cfg.output_uri)
+        if out.scheme == "hf":
+            raise InvalidSpecError("spec.output.uri: hf:// is read-only; use s3://, pvc:// or file://")
+        reporter.mirror = (store_for(out, "OUTPUT"), out)
+        reporter.forget_previous_result()  # a retry must not show the last attempt's outcome meanwhile
+        log.info(
+            kv(
+                "Starting",
+                job=cfg.job_name,
+                method=cfg.spec.method,
+                baseModel=cfg.spec.base_model.uri,
+                output=cfg.output_uri,
+                workdir=str(workdir),
+                pid=os.getpid(),
+            )
+        )
+        return pipeline(cfg, reporter, args.gates_failed_exit_code)
+    except TrainerError as e:
+        reporter.error(e.reason, e.message)
+        return e.exit_code
+    except KeyboardInterrupt:
+        reporter.error("Interrupted", "interrupted")
+        return 130
+    except Exception as e:
+        log.debug(traceback.format_exc())
+        traceback.print_exc(file=sys.stderr)
+        reporter.error("InternalError", f"{type(e).__name__}: {e}")
+        return 1
+    finally:
+        reporter.close()
+        if tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
