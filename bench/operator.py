@@ -10,19 +10,26 @@ Usage: python bench/operator.py [--count 1000]
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import sys
-import tempfile
-import threading
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import psutil
+# Run as a script, this file's folder comes first on sys.path, and this file is named like the
+# standard library's `operator`: drop the folder so no later import can pick this file up instead.
+BENCH_DIR = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != BENCH_DIR]
 
-REPO = Path(__file__).resolve().parent.parent
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import psutil  # noqa: E402
+
+REPO = Path(BENCH_DIR).parent
 sys.path.insert(0, str(REPO))
 
 from tests.operator.harness import OperatorProcess, install_crds, lorajob_manifest  # noqa: E402
@@ -114,8 +121,6 @@ def main() -> int:
         f"--from-literal=accessKey={env.minio_access_key}", f"--from-literal=secretKey={env.minio_secret_key}",
     )  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="kubelora-bench-"))
-    import os
-
     os.environ["KUBELORA_COUNT_API_REQUESTS"] = "1"
     os.environ["KUBELORA_RECONCILE_INTERVAL"] = "10"  # the production default (tests use 1 s)
     operator = OperatorProcess(env, namespace, workdir)

@@ -152,7 +152,7 @@ class Demo:
                 "method": "lora",
                 "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
                 "training": {
-                    "maxSteps": 120,
+                    "maxSteps": 160,
                     "learningRate": 0.005,
                     "batchSize": 16,
                     "maxSeqLength": 64,

@@ -36,7 +36,7 @@ def test_local_executor_runs_the_real_trainer(devenv, namespace, kubectl, minio_
                 "method": "lora",
                 "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
                 "training": {
-                    "maxSteps": 100,
+                    "maxSteps": 160,
                     "learningRate": 0.005,
                     "batchSize": 16,
                     "maxSeqLength": 64,
@@ -68,7 +68,7 @@ def test_local_executor_runs_the_real_trainer(devenv, namespace, kubectl, minio_
         status = done["status"]
         assert status["phase"] == "Succeeded", f"{status}\n{operator.log()[-3000:]}"
         assert len(steps_seen) >= 2, f"progress should be reported while training, saw steps {steps_seen}"
-        assert status["progress"]["step"] == status["progress"]["totalSteps"] == 100
+        assert status["progress"]["step"] == status["progress"]["totalSteps"] == 160
         assert status["eval"]["passed"] is True
         assert status["eval"]["adapter"]["exact_match"] >= status["eval"]["base"]["exact_match"] + 0.3
         response = minio_client.get_object(bucket, "adapters/tickets/kubelora-manifest.json")
