@@ -62,3 +62,15 @@ def read_json(client: Any, location: S3Location) -> Any | None:
     finally:
         response.close()
         response.release_conn()
+
+
+def delete_prefix(client: Any, location: S3Location) -> int:
+    """Remove every object under `location` (a prefix); returns how many there were."""
+    from minio.deleteobjects import DeleteObject
+
+    prefix = location.key if not location.key or location.key.endswith("/") else location.key + "/"
+    names = [obj.object_name for obj in client.list_objects(location.bucket, prefix=prefix, recursive=True)]
+    errors = list(client.remove_objects(location.bucket, [DeleteObject(name) for name in names]))
+    if errors:
+        raise RuntimeError(f"Could not delete {len(errors)} objects under {location}: {errors[0]}")
+    return len(names)

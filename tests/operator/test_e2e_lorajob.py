@@ -256,3 +256,23 @@ def test_deleting_a_lorajob_deletes_its_job(operator, kubectl, namespace, bucket
         lambda: kubectl("get", "job", "doomed-train", "-n", namespace, check=False).returncode != 0,
         timeout=90,
     )
+
+
+def test_adapter_files_stay_unless_the_job_asks_for_their_deletion(operator, kubectl, namespace, bucket, minio_client):
+    keep = lorajob_manifest("keep", bucket)
+    purge = lorajob_manifest("purge", bucket)
+    purge["spec"]["output"]["deleteOnJobDeletion"] = True
+    for manifest in (keep, purge):
+        apply(kubectl, namespace, manifest)
+        upload_result(minio_client, bucket, manifest["metadata"]["name"], passed=True)
+    wait_phase(kubectl, namespace, "purge", "Training")
+    wait_phase(kubectl, namespace, "keep", "Training")
+    finalizers = get(kubectl, namespace, "lorajob", "keep")["metadata"].get("finalizers") or []
+    assert finalizers == [], "a LoRAJob that keeps its files needs no finalizer"
+    kubectl("delete", "lorajob", "keep", "purge", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    def objects(name: str) -> list[str]:
+        return [o.object_name for o in minio_client.list_objects(bucket, prefix=f"adapters/{name}/", recursive=True)]
+
+    assert objects("purge") == []
+    assert objects("keep") == ["adapters/keep/_kubelora/result.json"]

@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from kubelora import storage
 from kubelora.api.v1alpha1 import GROUP, VERSION, LoRAJob
 from kubelora.operator import lorajobs, metrics
 from kubelora.operator.conditions import now, set_condition
@@ -98,9 +99,9 @@ def training_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.B
     return {(namespace, labels[LORAJOB_LABEL]): _slim(body)}
 
 
-def _parse(body: kopf.Body) -> LoRAJob:
+def _parse(body: Mapping[str, Any]) -> LoRAJob:
     """The LoRAJob with its spec validated; status is passed along raw (kopf may add to it)."""
-    return LoRAJob.model_validate({"metadata": dict(body.metadata), "spec": dict(body.spec)})
+    return LoRAJob.model_validate({"metadata": dict(body["metadata"]), "spec": dict(body["spec"])})
 
 
 def _post(body: kopf.Body, events: list[lorajobs.Event]) -> None:
@@ -252,6 +253,33 @@ async def resync_loop(memo: Any) -> None:
             and not body["metadata"].get("deletionTimestamp")
         ]
         await asyncio.gather(*(one(body) for body in due))
+
+
+def _deletes_outputs(spec: Any, **_: Any) -> bool:
+    return bool((spec.get("output") or {}).get("deleteOnJobDeletion"))
+
+
+# The one finalizer a LoRAJob gets, and only when asked: the adapter lives outside the cluster.
+@kopf.on.delete(*LORAJOBS, when=_deletes_outputs)
+def delete_adapter_files(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+    lorajob = _parse(body)
+    location = storage.parse_s3(lorajob.spec.output.uri)
+    try:
+        credentials = lorajobs.credentials_of(lorajob, memo.cluster, memo.config)
+        count = storage.delete_prefix(storage.client_from_env(credentials), location)
+    except Exception as exc:
+        # Never hold the LoRAJob (or its namespace) hostage: say what was left behind and let go.
+        message = f"Could not delete the adapter files at {location}: {exc}"
+        logger.warning("Left adapter files lorajob=%s uri=%s error=%r", body.metadata.name, location, str(exc))
+        kopf.event(body, type="Warning", reason="CleanupFailed", message=message[:1024])
+        return
+    log.info(
+        "Deleted adapter files lorajob=%s/%s uri=%s objects=%d",
+        lorajob.metadata.namespace,
+        lorajob.metadata.name,
+        location,
+        count,
+    )
 
 
 # optional: no finalizer. A Job goes with its owner through garbage collection; a local run is a

@@ -347,7 +347,7 @@ def reconcile(
                 observation.run_name,
             )
     else:
-        credentials = _credentials(lorajob, cluster, config) if observation.state in ("Running", "Succeeded") else {}
+        credentials = credentials_of(lorajob, cluster, config) if observation.state in ("Running", "Succeeded") else {}
         observation = executor.observe(lorajob, credentials, read_progress=read_progress)
     status, events = derive_status(lorajob, old, observation, config, check)
     if _same(old, status):
@@ -355,7 +355,8 @@ def reconcile(
     return status, events
 
 
-def _credentials(lorajob: LoRAJob, cluster: Cluster, config: OperatorConfig) -> dict[str, str]:
+def credentials_of(lorajob: LoRAJob, cluster: Cluster, config: OperatorConfig) -> dict[str, str]:
+    """S3 settings for this job, from its own namespace's Secret (kept in memory only)."""
     spec = lorajob.spec
     ref = spec.output.secret_ref or spec.base_model.secret_ref or spec.dataset.secret_ref
     secret = cluster.read_secret(lorajob.metadata.namespace or "default", ref.name) if ref else None
