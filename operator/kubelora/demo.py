@@ -36,7 +36,8 @@ NAMESPACE = "kubelora-demo"
 BUCKET = "kubelora-demo"
 SERVED_NAME = "support-tickets"
 REPO = Path(__file__).resolve().parents[2]
-console = Console()
+# Wide enough for the tables when the output is a log, not a terminal.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 class Demo:
@@ -160,7 +161,8 @@ class Demo:
                     "gradientCheckpointing": False,
                     "seed": 7,
                 },
-                "resources": {"gpus": 0},
+                # The local executor trains on the CPU; it accounts GPU-seconds as if on the requested GPU.
+                "resources": {"gpus": 1, "gpuType": "NVIDIA-L4"},
                 "output": {"uri": f"s3://{BUCKET}/adapters/{name}/", "secretRef": secret},
                 "eval": {
                     "testSet": uris["test"],
