@@ -94,12 +94,16 @@ def test_crd_and_custom_resource_round_trip(kubectl, api_client, namespace):
 
 
 def test_fake_nodes_look_like_gpu_nodes(kubectl):
-    nodes = json.loads(kubectl("get", "nodes", "-l", "nvidia.com/gpu.present=true", "-o", "json").stdout)["items"]
+    # Other tests add pools of their own; the default ones are two 8 x A100 nodes and one L4.
+    selector = "nvidia.com/gpu.present=true,kubelora.dev/pool in (a100,l4)"
+    nodes = json.loads(kubectl("get", "nodes", "-l", selector, "-o", "json").stdout)["items"]
     products = sorted(n["metadata"]["labels"]["nvidia.com/gpu.product"] for n in nodes)
-    assert products[:3] == ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-L4"]
+    assert products == ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-L4"]
     a100 = next(n for n in nodes if n["metadata"]["labels"]["nvidia.com/gpu.product"].startswith("NVIDIA-A100"))
     assert a100["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     assert a100["status"]["capacity"]["nvidia.com/gpu"] == "8"
+    assert a100["metadata"]["labels"]["nvidia.com/gpu.memory"] == "81920"
+    assert {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"} in a100["spec"]["taints"]
 
 
 def test_scheduler_binds_gpu_pod_to_gpu_node(kubectl, namespace):
