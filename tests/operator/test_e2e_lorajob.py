@@ -276,3 +276,14 @@ def test_adapter_files_stay_unless_the_job_asks_for_their_deletion(operator, kub
 
     assert objects("purge") == []
     assert objects("keep") == ["adapters/keep/_kubelora/result.json"]
+
+
+def test_deadline_is_enforced(operator, kubectl, namespace, bucket):
+    apply(kubectl, namespace, lorajob_manifest("slow", bucket, activeDeadlineSeconds=60))
+    wait_phase(kubectl, namespace, "slow", "Training")
+    failed = wait_phase(kubectl, namespace, "slow", "Failed", timeout=150)
+    assert failed["status"]["conditions"][-1]["reason"] == "DeadlineExceeded", failed["status"]
+    wait_for(
+        "the Job controller to stop the pod",
+        lambda: not [p for p in pods_of(kubectl, namespace, "slow") if p["status"].get("phase") == "Running"],
+    )
