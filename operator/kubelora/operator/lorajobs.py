@@ -375,7 +375,7 @@ def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
         return copy
 
     if old.get("phase") not in TERMINAL_PHASES and new.get("gpuSeconds") != old.get("gpuSeconds"):
-        # Cost moves while running; write it at most with the progress interval.
+        # Cost moves on every pass while running: write it once it has moved by 30 GPU-seconds, or with another change.
         return (
             strip(old) == strip(new) and abs(float(new.get("gpuSeconds") or 0) - float(old.get("gpuSeconds") or 0)) < 30
         )
