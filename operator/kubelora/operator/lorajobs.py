@@ -159,7 +159,9 @@ def _cost(lorajob: LoRAJob, started: str | None, finished: str | None, config: O
     gpus = max(lorajob.spec.resources.gpus, 0)
     gpu_seconds = round(gpus * _seconds_between(started, finished), 1)
     price = config.price_per_hour(lorajob.spec.resources.gpu_type)
-    return gpu_seconds, f"{gpu_seconds / 3600 * price:.2f} USD"
+    cost = gpu_seconds / 3600 * price
+    # Cents hide a short run's cost entirely; show four decimals below one dollar.
+    return gpu_seconds, f"{cost:.2f} USD" if cost >= 1 else f"{cost:.4f} USD"
 
 
 def _phase_for_running(observation: Observation) -> str:
