@@ -83,7 +83,7 @@ class Demo:
             for crd in ("lorajobs.kubelora.dev", "adapterdeployments.kubelora.dev"):
                 self.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
             if self.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0:
-                self.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=120s")
+                self.remove_earlier_run()
             self.kubectl("create", "namespace", NAMESPACE)
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir.mkdir(parents=True)
@@ -94,6 +94,16 @@ class Demo:
                 f"--from-literal=endpoint={self.env.minio_endpoint}",
             )  # fmt: skip
             self.start_operator()
+
+    def remove_earlier_run(self) -> None:
+        """An earlier demo's objects hold finalizers that only a running operator removes; the servers
+        they would unload from are gone with that demo, so drop the finalizers and the namespace."""
+        for kind in ("adapterdeployments", "lorajobs"):
+            names = self.kubectl("get", kind, "-n", NAMESPACE, "-o", "name", check=False).stdout.split()
+            for name in names:
+                patch = '{"metadata":{"finalizers":null}}'
+                self.kubectl("patch", name, "-n", NAMESPACE, "--type=merge", "-p", patch, check=False)
+        self.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=120s")
 
     def start_operator(self) -> None:
         assert self.env is not None
