@@ -32,7 +32,7 @@ class OperatorConfig(BaseModel):
     executor: Literal["job", "local"] = "job"
     local_workdir: Path = Path("/tmp/kubelora-local")
     shm_size_per_gpu: str = "16Gi"
-    trainer_uid: int = 1000
+    trainer_uid: int = 65532  # the trainer image's user (images/Dockerfile.trainer)
 
     def price_per_hour(self, gpu_type: str | None) -> float:
         if gpu_type and gpu_type in self.gpu_prices_per_hour:
