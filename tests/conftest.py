@@ -58,8 +58,9 @@ def api_client(devenv: cluster.DevEnv) -> Iterator[Any]:
     api_client.close()
 
 
-@pytest.fixture
-def kubectl(devenv: cluster.DevEnv) -> Callable[..., subprocess.CompletedProcess[str]]:
+def kubectl_runner(devenv: cluster.DevEnv) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Real kubectl against the dev cluster; a failure is a test failure with kubectl's message."""
+
     def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = cluster.kubectl(devenv, *args, input=input, check=False)
         if check and result.returncode != 0:
@@ -67,6 +68,11 @@ def kubectl(devenv: cluster.DevEnv) -> Callable[..., subprocess.CompletedProcess
         return result
 
     return run
+
+
+@pytest.fixture
+def kubectl(devenv: cluster.DevEnv) -> Callable[..., subprocess.CompletedProcess[str]]:
+    return kubectl_runner(devenv)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import yaml
 
 from kubelora.devenv import cluster, podrunner
 from kubelora.operator.adapterdeployments import MANAGED_LABEL
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, kubectl_runner, wait_for
 from tests.operator.harness import OperatorProcess, create_s3_secret, free_port, install_crds
 from tests.rollout.adapters import BASE_MODEL, MAX_NEW_TOKENS, Published, make_adapters
 
@@ -56,16 +56,6 @@ class AdapterOperator(OperatorProcess):
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         wait_for("the operator's /healthz", self.healthy, timeout=60)
-
-
-def _kubectl(devenv: cluster.DevEnv) -> Callable[..., subprocess.CompletedProcess[str]]:
-    def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = cluster.kubectl(devenv, *args, input=input, check=False)
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
-        return result
-
-    return run
 
 
 def server_deployment(name: str, replicas: int, labels: dict[str, str]) -> dict[str, Any]:
@@ -415,7 +405,7 @@ def adapters(
 def rollout_env(
     devenv: cluster.DevEnv, tiny_model: Path, adapter_bucket: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RolloutEnv]:
-    kubectl = _kubectl(devenv)
+    kubectl = kubectl_runner(devenv)
     install_crds(devenv)
     namespace = f"t-rollout-{uuid.uuid4().hex[:8]}"
     kubectl("create", "namespace", namespace)

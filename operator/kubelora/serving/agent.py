@@ -123,22 +123,26 @@ class StorageSource:
             return local.read_bytes()
         if not uri.startswith("s3://"):
             raise AgentError(400, "UnsupportedURI", f"{uri}: only s3:// and file:// URIs are supported")
+        response = self._open_s3(uri, path)
+        try:
+            return bytes(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    def _open_s3(self, uri: str, path: str) -> Any:
+        """The object's response stream, with storage errors turned into the agent's HTTP errors."""
         from minio.error import S3Error
 
         bucket, key = self._s3_object(uri, path)
         try:
-            response = self._client().get_object(bucket, key)
+            return self._client().get_object(bucket, key)
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket"):
                 raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist") from exc
             raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc.code}: {exc.message}") from exc
         except Exception as exc:
             raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc}") from exc
-        try:
-            return bytes(response.read())
-        finally:
-            response.close()
-            response.release_conn()
 
     def download(self, uri: str, path: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -148,17 +152,7 @@ class StorageSource:
                 raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist")
             shutil.copyfile(local, dest)
             return
-        from minio.error import S3Error
-
-        bucket, key = self._s3_object(uri, path)
-        try:
-            response = self._client().get_object(bucket, key)
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchBucket"):
-                raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist") from exc
-            raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc.code}: {exc.message}") from exc
-        except Exception as exc:
-            raise AgentError(502, "StorageUnavailable", f"{_child(uri, path)}: {exc}") from exc
+        response = self._open_s3(uri, path)
         try:
             with dest.open("wb") as f:
                 for chunk in response.stream(CHUNK):
