@@ -134,6 +134,9 @@ class Demo:
         assert self.env is not None
         with self.step("2. A tiny base model and a synthetic support-ticket dataset go into MinIO"):
             client = storage.make_client(self.env.minio_endpoint, self.env.minio_access_key, self.env.minio_secret_key)
+            # A fresh story each run: an earlier run's checkpoints would otherwise be resumed from.
+            if client.bucket_exists(BUCKET):
+                storage.delete_prefix(client, storage.S3Location(BUCKET, ""))
             model = tiny.build_tiny_model(self.workdir / "model")
             good = tiny.write_task(self.workdir / "data", n_train=320, n_test=32)
             shuffled = tiny.write_task(self.workdir / "data-shuffled", n_train=320, n_test=32, shuffled_labels=True)
