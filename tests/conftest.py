@@ -14,6 +14,12 @@ import pytest
 
 from kubelora.devenv import cluster
 
+# Nothing a test starts may read S3 with credentials it inherited: each gets them from a Secret or
+# from the test itself, so a broken secretRef path fails a test instead of passing on ambient keys.
+for _name in [
+    n for n in os.environ if n.startswith(("AWS_", "S3_")) or n.endswith(("_AWS_ACCESS_KEY_ID", "_S3_ENDPOINT"))
+]:
+    del os.environ[_name]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

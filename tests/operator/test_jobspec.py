@@ -57,8 +57,11 @@ def test_job_is_restricted_and_never_holds_a_secret_value():
         "capabilities": {"drop": ["ALL"]},
     }
     env = {e["name"]: e for e in container["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "minio-creds", "key": "secretKey"}
-    assert "value" not in env["AWS_ACCESS_KEY_ID"]
+    assert env["OUTPUT_AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "minio-creds",
+        "key": "secretKey",
+    }
+    assert all("value" not in e for name, e in env.items() if "AWS_" in name)
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
     spec = json.loads(job["spec"]["template"]["metadata"]["annotations"][SPEC_ANNOTATION])
@@ -106,3 +109,71 @@ def test_observe_job_maps_pod_and_job_conditions():
     observed = observe_job(failed, [])
     assert observed.state == "Failed" and observed.reason == "BackoffLimitExceeded" and observed.attempts == 3
     assert observe_job(None, []).state == "NotStarted"
+
+
+def test_each_role_reads_with_its_own_secret_and_a_role_without_one_gets_none():
+    job = build_job(
+        lorajob(
+            baseModel={"uri": "s3://models/llama/", "secretRef": {"name": "models-ro"}},
+            dataset={"train": "s3://data/train.jsonl", "secretRef": {"name": "data-ro"}},
+            output={"uri": "s3://adapters/x/"},
+        ),
+        OperatorConfig(),
+    )
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
+    assert refs["BASE_MODEL_AWS_ACCESS_KEY_ID"] == {"name": "models-ro", "key": "accessKey"}
+    assert refs["DATASET_AWS_SECRET_ACCESS_KEY"] == {"name": "data-ro", "key": "secretKey"}
+    assert refs["DATASET_S3_ENDPOINT"] == {"name": "data-ro", "key": "endpoint", "optional": True}
+    # No shared fallback: the trainer would otherwise use the first Secret for every location.
+    assert not any(name.startswith(("OUTPUT_", "AWS_")) for name in refs)
+
+
+def test_pvc_inputs_mount_read_only_and_a_pvc_output_read_write():
+    job = build_job(
+        lorajob(
+            baseModel={"uri": "pvc://models/llama-3-8b/"},
+            dataset={"train": "pvc://data/support/train.jsonl", "validation": "pvc://data/support/val.jsonl"},
+            output={"uri": "pvc://scratch/adapters/support/"},
+            eval={"testSet": "pvc://scratch/support/test.jsonl"},
+        ),
+        OperatorConfig(image_pull_secrets=["regcred"]),
+    )
+    pod = job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert {name: v["persistentVolumeClaim"]["readOnly"] for name, v in claims.items()} == {
+        "models": True,
+        "data": True,
+        "scratch": False,  # the output's claim, also read for the test set: mounted once, writable
+    }
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    for claim, volume in claims.items():
+        mount = mounts[f"/mnt/pvc/{claim}"]
+        assert mount["name"] == volume["name"]
+        assert mount["readOnly"] is volume["persistentVolumeClaim"]["readOnly"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "imagePullSecrets" not in build_job(lorajob(), OperatorConfig())["spec"]["template"]["spec"]
+
+
+def test_container_config_errors_reach_the_observation():
+    job = {"metadata": {"name": "support-train"}, "status": {"active": 1}}
+    pod = {
+        "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": "couldn't find key accessKey in Secret team-a/minio-creds",
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    observed = observe_job(job, [pod])
+    assert observed.state == "Pending" and observed.reason == "CreateContainerConfigError"
+    assert "Secret team-a/minio-creds" in observed.message

@@ -76,13 +76,22 @@ class DevEnv:
         return tools.KUBERNETES.path("kubectl")
 
     def env(self) -> dict[str, str]:
-        """Environment for child processes: kubectl, the operator and the trainer."""
+        """Environment for child processes (kubectl, the operator): the cluster, never S3 credentials.
+
+        Everything that reads S3 gets its credentials from a Secret named in a spec, as in a real
+        cluster; a process that inherited MinIO's root keys would hide a broken secretRef.
+        """
         return {
             "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def s3_env(self) -> dict[str, str]:
+        """MinIO's endpoint and root keys, for a person at a shell (env.sh), never for tests' children."""
+        return {
             "S3_ENDPOINT": self.minio_endpoint,
             "AWS_ACCESS_KEY_ID": self.minio_access_key,
             "AWS_SECRET_ACCESS_KEY": self.minio_secret_key,
-            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -383,7 +392,7 @@ def _nodes_ready(env: DevEnv, expected: int) -> bool:
 
 
 def _write_env_file(directory: Path, env: DevEnv) -> None:
-    lines = [f"export {key}={value}" for key, value in env.env().items() if key != "PATH"]
+    lines = [f"export {key}={value}" for key, value in {**env.env(), **env.s3_env()}.items() if key != "PATH"]
     lines.append(f"export PATH={env.bin_dir}:$PATH")
     (directory / "env.sh").write_text("\n".join(lines) + "\n")
 

@@ -64,7 +64,7 @@ async def start_adapter_controller(settings: kopf.OperatorSettings, memo: Any, l
     if config is None:
         path = os.environ.get("KUBELORA_CONFIG")
         config = OperatorConfig.load(Path(path) if path else None)
-    runtime_settings = adapterdeployments.Settings.from_env()
+    runtime_settings = adapterdeployments.Settings.from_env(config.agent_image)
     memo.http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(64, 4 * runtime_settings.concurrency)),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),

@@ -94,7 +94,8 @@ class Settings:
     allowed_pod_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def from_env(cls) -> Settings:
+    def from_env(cls, agent_image: str | None = None) -> Settings:
+        """Settings from KUBELORA_* variables; ``agent_image`` is the operator config's agentImage."""
         networks = tuple(
             ipaddress.ip_network(part.strip(), strict=False)
             for part in os.environ.get("KUBELORA_POD_CIDRS", "").split(",")
@@ -104,7 +105,7 @@ class Settings:
             resync_seconds=_env_float("KUBELORA_ADAPTER_RESYNC_SECONDS", 3.0),
             concurrency=max(1, int(_env_float("KUBELORA_ADAPTER_CONCURRENCY", 16))),
             agent_port=int(_env_float("KUBELORA_AGENT_PORT", AGENT_PORT)),
-            agent_image=os.environ.get("KUBELORA_AGENT_IMAGE", cls.agent_image),
+            agent_image=os.environ.get("KUBELORA_AGENT_IMAGE") or agent_image or cls.agent_image,
             rollout_max_attempts=max(1, int(_env_float("KUBELORA_ROLLOUT_MAX_ATTEMPTS", 3))),
             rollout_timeout_seconds=_env_float("KUBELORA_ROLLOUT_TIMEOUT_SECONDS", 600.0),
             backoff_max_seconds=_env_float("KUBELORA_ADAPTER_BACKOFF_MAX_SECONDS", 60.0),
@@ -130,7 +131,7 @@ class Runtime:
 
     def __init__(self, kube: Any, http: Any, config: OperatorConfig, settings: Settings | None = None) -> None:
         self.kube = kube
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or Settings.from_env(config.agent_image)
         self.pods = PodClient(http, self.settings)
         self.config = config
         self.reader = AdapterReader()
@@ -966,6 +967,7 @@ def managed_deployment(
     secret_name: str | None = None,
     default_s3_endpoint: str | None = None,
     s3_secure: bool = False,
+    image_pull_secrets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The vLLM Deployment the operator runs for ``spec.target.managed``: vLLM plus the agent sidecar.
 
@@ -1071,6 +1073,8 @@ def managed_deployment(
         "volumes": volumes,
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     }
+    if image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in image_pull_secrets]
     if managed.gpu_type:
         pod_spec["nodeSelector"] = {"nvidia.com/gpu.product": managed.gpu_type}
     spec = {
@@ -1326,6 +1330,7 @@ class Pass:
             secret_name=secret_name,
             default_s3_endpoint=runtime.config.default_s3_endpoint,
             s3_secure=runtime.config.s3_secure,
+            image_pull_secrets=runtime.config.image_pull_secrets,
         )
         namespace = self.ad.metadata.namespace or "default"
         try:

@@ -33,6 +33,9 @@ class OperatorConfig(BaseModel):
     local_workdir: Path = Path("/tmp/kubelora-local")
     shm_size_per_gpu: str = "16Gi"
     trainer_uid: int = 65532  # the trainer image's user (images/Dockerfile.trainer)
+    agent_image: str = "ghcr.io/kubelora/agent:0.1.0"
+    # Pull Secrets (names, in each tenant namespace) for the trainer Jobs and managed vLLM pods.
+    image_pull_secrets: list[str] = Field(default_factory=list)
 
     def price_per_hour(self, gpu_type: str | None) -> float:
         if gpu_type and gpu_type in self.gpu_prices_per_hour:

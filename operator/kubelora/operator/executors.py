@@ -20,6 +20,10 @@ from kubelora.operator.jobspec import EXIT_CONFIG_ERROR, build_job, spec_annotat
 from kubelora.operator.observe import Observation, TrainerReport
 
 REPORT_PREFIX = "_kubelora/"
+# Container waiting reasons that need the user (a wrong Secret key, an image that cannot be pulled).
+CONTAINER_ERRORS = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff", "InvalidImageName"}
+)
 
 
 class Executor(Protocol):
@@ -61,6 +65,13 @@ def _pod_observation(pods: list[dict[str, Any]]) -> tuple[str, str, str] | None:
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             return "Queued", condition.get("reason") or "Unschedulable", condition.get("message") or ""
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in CONTAINER_ERRORS:
+            # The kubelet keeps retrying (the Secret or image may appear), so this is not terminal,
+            # but the user must see it: "couldn't find key accessKey in Secret team-a/s3-creds".
+            detail = waiting.get("message") or waiting["reason"]
+            return "Pending", str(waiting["reason"]), f"Container {container.get('name')}: {detail}"
     if status.get("phase") == "Running":
         return "Running", "Running", ""
     return None

@@ -27,25 +27,62 @@ def job_name(lorajob_name: str) -> str:
     return f"{lorajob_name[:48]}-{digest}-train"
 
 
-def _secret_env(lorajob: LoRAJob) -> list[dict[str, Any]]:
-    """S3 credentials by reference; the first secretRef found is used for every location."""
+#: The trainer reads S3 credentials per role (kubelora.trainer.storage): BASE_MODEL_AWS_ACCESS_KEY_ID, ...
+CREDENTIAL_ROLES = ("BASE_MODEL", "DATASET", "OUTPUT")
+PVC_ROOT = "/mnt/pvc"
+
+
+def _role_refs(lorajob: LoRAJob) -> dict[str, str | None]:
     spec = lorajob.spec
-    refs = [spec.output.secret_ref, spec.base_model.secret_ref, spec.dataset.secret_ref]
-    ref = next((r for r in refs if r is not None), None)
-    if ref is None:
-        return []
+    refs = (spec.base_model.secret_ref, spec.dataset.secret_ref, spec.output.secret_ref)
+    return {role: (ref.name if ref is not None else None) for role, ref in zip(CREDENTIAL_ROLES, refs, strict=True)}
 
-    def key(env_name: str, secret_key: str, optional: bool = False) -> dict[str, Any]:
-        selector: dict[str, Any] = {"name": ref.name, "key": secret_key}
-        if optional:
-            selector["optional"] = True
-        return {"name": env_name, "valueFrom": {"secretKeyRef": selector}}
 
-    return [
-        key("AWS_ACCESS_KEY_ID", "accessKey"),
-        key("AWS_SECRET_ACCESS_KEY", "secretKey"),
-        key("S3_ENDPOINT", "endpoint", optional=True),
-    ]
+def _secret_env(lorajob: LoRAJob) -> list[dict[str, Any]]:
+    """S3 credentials by reference, one set per role, so each location is read with its own Secret.
+
+    There are no unprefixed AWS_* variables: a role without a secretRef gets no credentials at all
+    rather than another role's.
+    """
+    env: list[dict[str, Any]] = []
+    for role, secret in _role_refs(lorajob).items():
+        if secret is None:
+            continue
+        for env_name, secret_key, optional in (
+            ("AWS_ACCESS_KEY_ID", "accessKey", False),
+            ("AWS_SECRET_ACCESS_KEY", "secretKey", False),
+            ("S3_ENDPOINT", "endpoint", True),
+        ):
+            selector: dict[str, Any] = {"name": secret, "key": secret_key}
+            if optional:
+                selector["optional"] = True
+            env.append({"name": f"{role}_{env_name}", "valueFrom": {"secretKeyRef": selector}})
+    return env
+
+
+def pvc_claims(lorajob: LoRAJob) -> dict[str, bool]:
+    """The PersistentVolumeClaims a run reads or writes: claim name -> read-only.
+
+    Inputs (base model, datasets, test and regression sets) are mounted read-only; the claim of a
+    pvc:// output is mounted read-write (and only once, if an input shares it).
+    """
+    spec = lorajob.spec
+    inputs = [spec.base_model.uri, spec.dataset.train, spec.dataset.validation]
+    if spec.eval is not None:
+        inputs.append(spec.eval.test_set)
+        if spec.eval.regression is not None:
+            inputs.append(spec.eval.regression.dataset)
+    claims: dict[str, bool] = {}
+    for uri in inputs:
+        if uri and uri.startswith("pvc://"):
+            claims.setdefault(_claim(uri), True)
+    if spec.output.uri.startswith("pvc://"):
+        claims[_claim(spec.output.uri)] = False
+    return claims
+
+
+def _claim(uri: str) -> str:
+    return uri[len("pvc://") :].split("/", 1)[0]
 
 
 def spec_annotation(lorajob: LoRAJob) -> str:
@@ -96,6 +133,17 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
         env.append({"name": "KUBELORA_DEFAULT_S3_ENDPOINT", "value": config.default_s3_endpoint})
     tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if gpus else []
     tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations]
+    mounts: list[dict[str, Any]] = [
+        {"name": "spec", "mountPath": "/etc/kubelora", "readOnly": True},
+        {"name": "workspace", "mountPath": "/workspace"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    claim_volumes: list[dict[str, Any]] = []
+    for index, (claim, read_only) in enumerate(sorted(pvc_claims(lorajob).items())):
+        volume = f"pvc-{index}"
+        mounts.append({"name": volume, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+        claim_volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -120,12 +168,7 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
                     "readOnlyRootFilesystem": True,
                     "capabilities": {"drop": ["ALL"]},
                 },
-                "volumeMounts": [
-                    {"name": "spec", "mountPath": "/etc/kubelora", "readOnly": True},
-                    {"name": "workspace", "mountPath": "/workspace"},
-                    {"name": "dshm", "mountPath": "/dev/shm"},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
+                "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
@@ -147,8 +190,11 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
                 "name": "dshm",
                 "emptyDir": {"medium": "Memory", "sizeLimit": _memory_to_shm(config.shm_size_per_gpu, gpus)},
             },
+            *claim_volumes,
         ],
     }
+    if config.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
     if spec.resources.gpu_type:
         pod_spec["affinity"] = {
             "nodeAffinity": {
