@@ -96,6 +96,12 @@ def minio_client(devenv: cluster.DevEnv) -> Any:
     return Minio(devenv.minio_endpoint, devenv.minio_access_key, devenv.minio_secret_key, secure=False)
 
 
+@pytest.fixture(scope="session")
+def s3_env(devenv: cluster.DevEnv) -> dict[str, str]:
+    """MinIO credentials for a trainer process a test starts itself: handed over by name, never inherited."""
+    return dict(devenv.s3_env())
+
+
 @pytest.fixture
 def bucket(minio_client: Any) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:12]}"

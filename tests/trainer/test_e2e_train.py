@@ -64,10 +64,12 @@ def check_published(client: Any, bucket: str, prefix: str, run: Run) -> dict[str
     return manifest
 
 
-def test_lora_end_to_end(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str) -> None:
+def test_lora_end_to_end(
+    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
+) -> None:
     uris = upload_kit(minio_client, bucket, tiny_kit)
     run = run_trainer(
-        tmp_path, spec_for(uris, bucket), env={"KUBELORA_TERMINATION_LOG": str(tmp_path / "termination-log")}
+        tmp_path, spec_for(uris, bucket), env={**s3_env, "KUBELORA_TERMINATION_LOG": str(tmp_path / "termination-log")}
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert not run.of("error")
@@ -127,9 +129,11 @@ def test_lora_end_to_end(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, b
         assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == s["adapter"]
 
 
-def test_dora_end_to_end(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str) -> None:
+def test_dora_end_to_end(
+    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
+) -> None:
     uris = upload_kit(minio_client, bucket, tiny_kit)
-    run = run_trainer(tmp_path, spec_for(uris, bucket, out="dora", method="dora", lora__rsLoRA=True))
+    run = run_trainer(tmp_path, spec_for(uris, bucket, out="dora", method="dora", lora__rsLoRA=True), env=s3_env)
     assert run.returncode == 0, run.stderr[-3000:]
     ev = run.result["eval"]
     assert ev["passed"] is True and ev["adapter"]["exact_match"] >= 0.85
@@ -146,12 +150,14 @@ def test_dora_end_to_end(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, b
         assert sum("lora_magnitude_vector" in k for k in f.keys()) == 21  # noqa: SIM118
 
 
-def test_shuffled_labels_fail_the_gate(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str) -> None:
+def test_shuffled_labels_fail_the_gate(
+    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
+) -> None:
     uris = upload_kit(minio_client, bucket, tiny_kit, shuffled=True)
     run = run_trainer(
         tmp_path,
         spec_for(uris, bucket),
-        env={"KUBELORA_TERMINATION_LOG": str(tmp_path / "term")},
+        env={**s3_env, "KUBELORA_TERMINATION_LOG": str(tmp_path / "term")},
         args=("--gates-failed-exit-code", "4"),
     )
     # gates failing is an outcome, not an error: a result (published adapter) with passed=false
@@ -166,13 +172,15 @@ def test_shuffled_labels_fail_the_gate(tiny_kit: TinyKit, tmp_path: Path, minio_
     assert term["reason"] == "GatesFailed" and "exact_match:min" in term["failedGates"]
 
 
-def test_kill_and_resume_from_checkpoint(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str) -> None:
+def test_kill_and_resume_from_checkpoint(
+    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
+) -> None:
     uris = upload_kit(minio_client, bucket, tiny_kit)
     manifest = spec_for(uris, bucket, out="resumed")
     spec = write_spec(tmp_path / "a", manifest)
     report1 = tmp_path / "a" / "report.jsonl"
     # slow the steps down a little so the kill lands between checkpoints 40 and 80
-    proc = start_trainer(spec, tmp_path / "a" / "work", report1, env={"KUBELORA_DEBUG_STEP_SLEEP": "0.05"})
+    proc = start_trainer(spec, tmp_path / "a" / "work", report1, env={**s3_env, "KUBELORA_DEBUG_STEP_SLEEP": "0.05"})
     try:
         wait_for(
             "the first checkpoint", lambda: [e for e in read_events(report1) if e["type"] == "checkpoint"], timeout=180
@@ -188,7 +196,7 @@ def test_kill_and_resume_from_checkpoint(tiny_kit: TinyKit, tmp_path: Path, mini
     assert marker["step"] == 40 and any(f["name"] == "optimizer.pt" for f in marker["files"])
 
     # a new pod: fresh workdir, same spec
-    second = run_trainer(tmp_path, manifest, name="b")
+    second = run_trainer(tmp_path, manifest, name="b", env=s3_env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert [e["step"] for e in second.of("resumed")] == [40]
     assert second.of("progress")[0]["step"] > 40  # no step before the checkpoint ran again
@@ -198,7 +206,7 @@ def test_kill_and_resume_from_checkpoint(tiny_kit: TinyKit, tmp_path: Path, mini
     check_published(minio_client, bucket, "resumed", second)
 
     # without replayed data the resumed run ends where an uninterrupted one does
-    reference = run_trainer(tmp_path, spec_for(uris, bucket, out="reference"), name="c")
+    reference = run_trainer(tmp_path, spec_for(uris, bucket, out="reference"), name="c", env=s3_env)
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert reference.result["training"]["steps"] == 160
     import torch

@@ -28,7 +28,9 @@ def assert_error(run: Any, reason: str, exit_code: int = 3) -> str:
 
 
 @pytest.mark.e2e
-def test_malformed_row_reports_file_and_line(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str) -> None:
+def test_malformed_row_reports_file_and_line(
+    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
+) -> None:
     rows = [json.dumps(r) for r in tiny.make_tickets(20)]
     rows[16] = json.dumps({"msgs": [{"role": "user", "content": "hi"}]})
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
@@ -37,7 +39,7 @@ def test_malformed_row_reports_file_and_line(tiny_kit: TinyKit, tmp_path: Path, 
     run = run_trainer(
         tmp_path,
         make_spec(base=base, train=train, output=f"s3://{bucket}/out/"),
-        env={"KUBELORA_TERMINATION_LOG": str(tmp_path / "termination-log")},
+        env={**s3_env, "KUBELORA_TERMINATION_LOG": str(tmp_path / "termination-log")},
     )
     assert assert_error(run, "MalformedDataset") == 'train.jsonl:17: missing "messages"'
     # the error is mirrored next to the output, and summarised for Kubernetes
@@ -50,12 +52,12 @@ def test_malformed_row_reports_file_and_line(tiny_kit: TinyKit, tmp_path: Path, 
 
 @pytest.mark.e2e
 def test_unknown_target_modules_fail_before_weights_move(
-    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str
+    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
 ) -> None:
     base = tiny.upload_dir(minio_client, bucket, "models/tiny", tiny_kit.model)
     train = tiny.upload_file(minio_client, bucket, "data/train.jsonl", tiny_kit.train)
     spec = make_spec(base=base, train=train, output=f"s3://{bucket}/out/", lora__targetModules=["q_proj", "c_attn"])
-    run = run_trainer(tmp_path, spec)
+    run = run_trainer(tmp_path, spec, env=s3_env)
     msg = assert_error(run, "UnknownTargetModules")
     assert "['c_attn']" in msg and "q_proj" in msg.split("it has")[1]
     assert [p.name for p in (tmp_path / "run" / "work" / "base-model").iterdir()] == ["config.json"]

@@ -43,14 +43,16 @@ def test_four_bit_load_forward_backward_on_cpu(tiny_kit: TinyKit) -> None:
 
 
 @pytest.mark.e2e
-def test_qlora_end_to_end_on_cpu(tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str) -> None:
+def test_qlora_end_to_end_on_cpu(
+    tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
+) -> None:
     uris = {
         "base": tiny.upload_dir(minio_client, bucket, "models/tiny", tiny_kit.model),
         "train": tiny.upload_file(minio_client, bucket, "data/train.jsonl", tiny_kit.train),
         "test": tiny.upload_file(minio_client, bucket, "data/test.jsonl", tiny_kit.test),
     }
     spec = make_spec(output=f"s3://{bucket}/q/", method="qlora", **uris)
-    run = run_trainer(tmp_path, spec)
+    run = run_trainer(tmp_path, spec, env=s3_env)
     assert run.returncode == 0, run.stderr[-3000:]
     model = run.of("model")[0]
     assert model["precision"] == "nf4" and model["quantizedLayers"] == 21
