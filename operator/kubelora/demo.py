@@ -2,11 +2,13 @@
 
 1. The local control plane (kwok GPU nodes) and MinIO come up, and the operator runs.
 2. A tiny base model and a synthetic support-ticket dataset are uploaded.
-3. Two LoRAJobs train for real on the CPU (local executor), with their progress shown: one on the
+3. Two LoRAJobs train for real on the CPU through the production path: the operator creates a Job
+   per LoRAJob, its pod lands on a kwok GPU node, and the podrunner (playing the kubelet) runs the
+   trainer container from the trainer image built from images/Dockerfile.trainer. One trains on the
    true labels, one on shuffled labels.
 4. Evaluation against the base model is printed; the shuffled job fails its gate.
-5. vLLM stand-in pods serve the base model; an AdapterDeployment goes canary → Ready, and the one
-   for the shuffled job is refused.
+5. vLLM stand-in pods (with the adapter agent) serve the base model; an AdapterDeployment goes
+   canary → Ready, and the one for the shuffled job is refused.
 6. A completion from the adapter, through the OpenAI client.
 7. A summary of times and metrics.
 """
@@ -47,6 +49,8 @@ class Demo:
         self.env: cluster.DevEnv | None = None
         self.operator: subprocess.Popen[bytes] | None = None
         self.runner: Any = None
+        self.kubelet: Any = None
+        self.images: dict[str, str] = {}
 
     @contextlib.contextmanager
     def step(self, title: str) -> Iterator[None]:
@@ -76,7 +80,12 @@ class Demo:
 
     # 1. Environment and operator
     def bring_up(self) -> None:
-        with self.step("1. Local control plane with fake GPU nodes, MinIO, and the operator"):
+        from kubelora.devenv import images, podrunner
+
+        with self.step("1. Local control plane with fake GPU nodes, MinIO, the images, and the operator"):
+            self.images = images.ensure_images()
+            for name, ref in self.images.items():
+                console.print(f"Image {name}: {ref}")
             self.env = cluster.up()
             console.print(cluster.describe(self.env))
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
@@ -94,6 +103,8 @@ class Demo:
                 f"--from-literal=endpoint={self.env.minio_endpoint}",
             )  # fmt: skip
             self.start_operator()
+            # The kubelet for this namespace's pods: each container runs from its image.
+            self.kubelet = podrunner.image_runner(self.env, self.workdir / "kubelet", namespace=NAMESPACE).start()
 
     def remove_earlier_run(self) -> None:
         """An earlier demo's objects hold finalizers that only a running operator removes; the servers
@@ -111,8 +122,9 @@ class Demo:
         config.write_text(
             yaml.safe_dump(
                 {
-                    "executor": "local",
-                    "localWorkdir": str(self.workdir / "runs"),
+                    "executor": "job",
+                    "trainerImage": self.images["trainer"],
+                    "agentImage": self.images["agent"],
                     "defaultS3Endpoint": self.env.minio_endpoint,
                     "progressIntervalSeconds": 1,
                 }
@@ -174,7 +186,7 @@ class Demo:
                     "gradientCheckpointing": False,
                     "seed": 7,
                 },
-                # The local executor trains on the CPU; it accounts GPU-seconds as if on the requested GPU.
+                # The pod lands on a kwok L4 node and trains on the CPU; GPU-seconds are accounted as on the L4.
                 "resources": {"gpus": 1, "gpuType": "NVIDIA-L4"},
                 "output": {"uri": f"s3://{BUCKET}/adapters/{name}/", "secretRef": secret},
                 "eval": {
@@ -193,7 +205,7 @@ class Demo:
 
     def train(self, uris: dict[str, str]) -> dict[str, dict[str, Any]]:
         jobs = {"support-tickets": uris["train"], "support-tickets-shuffled": uris["train_shuffled"]}
-        with self.step("3. Two LoRAJobs train for real on the CPU (true labels, shuffled labels)"):
+        with self.step("3. Two LoRAJobs train for real in trainer-image pods of Jobs (true labels, shuffled labels)"):
             for name, train in jobs.items():
                 self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(self.lorajob(name, train, uris)))
                 console.print(f"Applied LoRAJob {name}")
@@ -257,7 +269,14 @@ class Demo:
         assert self.env is not None
         with self.step("5. vLLM pods, and an AdapterDeployment: canary, then all replicas"):
             podrunner.ensure_serving_nodes(self.env)
-            self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(vllm_deployment(uris["base"])))
+            self.kubectl(
+                "apply",
+                "-n",
+                NAMESPACE,
+                "-f",
+                "-",
+                input=yaml.safe_dump(vllm_deployment(uris["base"], agent_image=self.images["agent"])),
+            )
             config = podrunner.RunnerConfig(workdir=self.workdir / "pods", model_dir=self.workdir / "model")
             self.runner = podrunner.PodRunner(self.env.kubeconfig, config, namespace=NAMESPACE).start()
             self.runner.wait_healthy(3, timeout=300)
@@ -354,13 +373,17 @@ class Demo:
     def stop(self) -> None:
         if self.runner is not None:
             self.runner.stop()
+        if self.kubelet is not None:
+            self.kubelet.stop()
         if self.operator is not None and self.operator.poll() is None:
             self.operator.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.operator.wait(timeout=30)
 
 
-def vllm_deployment(base_uri: str, replicas: int = 3) -> dict[str, Any]:
+def vllm_deployment(
+    base_uri: str, replicas: int = 3, agent_image: str = "ghcr.io/kubelora/agent:0.1.0"
+) -> dict[str, Any]:
     from kubelora.devenv import podrunner
 
     labels = {"app": "vllm", podrunner.POD_LABEL: "standin"}
@@ -396,7 +419,7 @@ def vllm_deployment(base_uri: str, replicas: int = 3) -> dict[str, Any]:
                         },
                         {
                             "name": podrunner.AGENT_CONTAINER,
-                            "image": "ghcr.io/kubelora/agent:0.1.0",
+                            "image": agent_image,
                             "args": ["--port", str(podrunner.DEFAULT_AGENT_PORT), "--dir", "/adapters"],
                             "env": [
                                 {

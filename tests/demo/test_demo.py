@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,13 +19,25 @@ def test_demo_ends_with_a_completion_from_the_adapter(devenv, kubectl):
     env = {**os.environ, "COLUMNS": "200"}
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "kubelora.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+            [sys.executable, "-m", "kubelora.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
         )
+        jobs = json.loads(kubectl("get", "jobs", "-n", "kubelora-demo", "-o", "json").stdout)["items"]
+        pods = json.loads(kubectl("get", "pods", "-n", "kubelora-demo", "-o", "json").stdout)["items"]
     finally:
         # The demo leaves its objects for people to explore; tests after this one need none of them.
         kubectl("delete", "namespace", "kubelora-demo", "--wait=false", check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
+    # Both LoRAJobs trained through Jobs whose pods ran the trainer image and exited 0 for real.
+    assert sorted(j["metadata"]["name"] for j in jobs) == ["support-tickets-shuffled-train", "support-tickets-train"]
+    for job in jobs:
+        assert any(c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"]), job
+    trainer_pods = [p for p in pods if p["metadata"].get("labels", {}).get("kubelora.dev/lorajob")]
+    assert len(trainer_pods) == 2
+    for pod in trainer_pods:
+        (container,) = pod["status"]["containerStatuses"]
+        assert container["image"].startswith("ghcr.io/kubelora/trainer:")
+        assert container["state"]["terminated"]["exitCode"] == 0
     assert "AdapterDeployment support-tickets: Ready 3/3" in output
     assert "AdapterDeployment support-tickets-shuffled: Refused" in output
     served = next(line for line in output.splitlines() if line.startswith("Served completion:"))

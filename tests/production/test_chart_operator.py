@@ -1,0 +1,125 @@
+"""`helm install` as a platform team runs it: the operator pod from the operator image, under the chart's
+own ServiceAccount and RBAC, takes a LoRAJob to Succeeded and an AdapterDeployment to Ready.
+
+Any permission the chart lacks shows up here as a stuck object or a 403 in the operator's log; the
+exact rule set is asserted in tests/helm/test_chart.py.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from kubelora import demo
+from kubelora.devenv import podrunner
+from kubelora.trainer import tiny
+from tests.conftest import wait_for
+from tests.helm.conftest import CHART, run_helm, set_args, unique_release
+from tests.operator.harness import create_s3_secret, get, wait_phase
+from tests.production.test_job_path import lorajob, upload
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def tenant(kubectl) -> Iterator[str]:
+    import uuid
+
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_chart_operator_from_its_image_trains_and_serves(
+    devenv, kubectl, namespace, tenant, images, crds, minio_client, bucket, tmp_path
+):
+    release = unique_release()
+    fullname = f"{release}-kubelora"
+    values: dict[str, Any] = {
+        "crds": {"enabled": False},
+        "watchNamespaces": [tenant],
+        "config": {"progressIntervalSeconds": 1},
+        # The pod shares the host's network here, so it gets ports nothing else holds.
+        "ports": {"metrics": free_port(), "health": free_port()},
+        # kwok gives pods on the serving pool loopback addresses, which the kubelet can probe.
+        "nodeSelector": podrunner.NODE_SELECTOR,
+        "tolerations": podrunner.TOLERATIONS,
+        "extraEnv": [{"name": "KUBELORA_RECONCILE_INTERVAL", "value": "1"}],
+    }
+    podrunner.ensure_serving_nodes(devenv)
+    operator_kubelet = podrunner.image_runner(devenv, tmp_path / "operator-pod", namespace=namespace, selectors=None)
+    trainer_kubelet = podrunner.image_runner(devenv, tmp_path / "trainer-pods", namespace=tenant)
+    operator_kubelet.start()
+    trainer_kubelet.start()
+    servers = None
+    try:
+        result = run_helm(
+            "install", release, str(CHART), "--namespace", namespace,
+            "--wait", "--timeout", "300s", *set_args(values), kubeconfig=devenv.kubeconfig, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, (result.stderr, operator_kubelet.logs(namespace))
+        pod = get_operator_pod(kubectl, namespace)
+        assert pod["spec"]["serviceAccountName"] == fullname
+        assert pod["spec"]["containers"][0]["image"] == images["operator"]
+
+        # A LoRAJob, trained by a Job that the chart's operator created, in a trainer-image pod.
+        create_s3_secret(kubectl, tenant, devenv)
+        task_dir = tmp_path / "task"
+        model = tiny.build_tiny_model(task_dir / "model")
+        task = tiny.write_task(task_dir / "data", n_train=320, n_test=32)
+        uris = upload(minio_client, bucket, {"model": model, "train": task["train"], "test": task["test"]})
+        manifest = lorajob("support", bucket, uris["base"], uris["train"], uris["test"])
+        kubectl("apply", "-n", tenant, "-f", "-", input=json.dumps(manifest))
+        done = wait_phase(kubectl, tenant, "support", "Succeeded", "Failed", timeout=900)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        digest = done["status"]["adapter"]["digest"]
+
+        # An AdapterDeployment onto stand-in vLLM pods whose agent sidecar runs from the agent image.
+        config = podrunner.RunnerConfig(workdir=tmp_path / "servers", model_dir=model)
+        servers = podrunner.PodRunner(devenv.kubeconfig, config, namespace=tenant).start()
+        kubectl("apply", "-n", tenant, "-f", "-", input=yaml.safe_dump(
+            demo.vllm_deployment(uris["base"], replicas=1, agent_image=images["agent"])
+        ))  # fmt: skip
+        servers.wait_healthy(1, timeout=300)
+        ad = demo.adapter_deployment("support", uris["base"])
+        ad["spec"]["rollout"] = {"strategy": "AllAtOnce"}
+        kubectl("apply", "-n", tenant, "-f", "-", input=yaml.safe_dump(ad))
+
+        def ready() -> dict[str, Any] | None:
+            status = get(kubectl, tenant, "adapterdeployment", "support").get("status", {})
+            return status if status.get("phase") == "Ready" else None
+
+        status = wait_for("the AdapterDeployment to be Ready", ready, timeout=300, interval=1)
+        assert status["activeDigest"] == digest, status
+
+        logs = operator_kubelet.logs(namespace)
+        forbidden = [line for line in logs.splitlines() if "forbidden" in line.lower() or " 403" in line]
+        known = ("namespaces", "permissions to list namespaces", "permissions to watch for namespaces")
+        assert [line for line in forbidden if not any(k in line for k in known)] == [], forbidden[:5]
+    finally:
+        if servers is not None:
+            servers.stop()
+        run_helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s",
+                 kubeconfig=devenv.kubeconfig, check=False)  # fmt: skip
+        trainer_kubelet.stop()
+        operator_kubelet.stop()
+
+
+def get_operator_pod(kubectl, namespace: str) -> dict[str, Any]:
+    pods = json.loads(
+        kubectl("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=operator", "-o", "json").stdout
+    )["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    return dict(pods[0])

@@ -1,0 +1,192 @@
+"""LoRAJob → Job → pod on a kwok GPU node → trainer container from its image → MinIO → status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubelora.trainer import tiny
+from tests.conftest import wait_for
+from tests.operator.harness import get, pods_of, wait_phase
+from tests.trainer.helpers import make_spec, s3_bytes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
+
+SECRET = {"name": "minio-creds"}
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny.build_tiny_model(root / "model")
+    task = tiny.write_task(root / "task", n_train=320, n_test=32)
+    return {"model": model, "train": task["train"], "test": task["test"]}
+
+
+def lorajob(name: str, bucket: str, base: str, train: str, test: str, **overrides: Any) -> dict[str, Any]:
+    spec = make_spec(base=base, train=train, test=test, output=f"s3://{bucket}/adapters/{name}/")
+    spec["baseModel"]["secretRef"] = SECRET
+    spec["dataset"]["secretRef"] = SECRET
+    spec["output"]["secretRef"] = SECRET
+    spec["resources"] = {"gpus": 1, "gpuType": "NVIDIA-A100-SXM4-80GB"}
+    spec["retries"] = 0
+    spec.update(overrides)
+    return {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRAJob", "metadata": {"name": name}, "spec": spec}
+
+
+def apply(kubectl: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def upload(minio_client: Any, bucket: str, task: dict[str, Path]) -> dict[str, str]:
+    return {
+        "base": tiny.upload_dir(minio_client, bucket, "models/tiny", task["model"]),
+        "train": tiny.upload_file(minio_client, bucket, "data/train.jsonl", task["train"]),
+        "test": tiny.upload_file(minio_client, bucket, "data/test.jsonl", task["test"]),
+    }
+
+
+def trainer_container_status(kubectl: Any, namespace: str, name: str) -> dict[str, Any]:
+    pods = pods_of(kubectl, namespace, name)
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    statuses = pods[0]["status"].get("containerStatuses") or []
+    return dict(next(s for s in statuses if s["name"] == "trainer"))
+
+
+def test_lorajob_trains_in_the_trainer_image_and_status_carries_its_digest(
+    operator, kubelet, images, kubectl, namespace, bucket, minio_client, tiny_task
+):
+    uris = upload(minio_client, bucket, tiny_task)
+    apply(kubectl, namespace, lorajob("support", bucket, uris["base"], uris["train"], uris["test"]))
+    done = wait_phase(kubectl, namespace, "support", "Succeeded", "Failed", timeout=900)
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+
+    # The digest in status is the sha256 of the manifest the trainer wrote, and every file it lists is there.
+    raw = s3_bytes(minio_client, bucket, "adapters/support/kubelora-manifest.json")
+    assert status["adapter"]["digest"] == "sha256:" + hashlib.sha256(raw).hexdigest()
+    for entry in json.loads(raw)["files"]:
+        data = s3_bytes(minio_client, bucket, f"adapters/support/{entry['path']}")
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]
+    assert status["eval"]["passed"] is True and status["eval"]["adapter"]["exact_match"] >= 0.8
+
+    # It ran as a pod of the Job the operator made, from the trainer image, and exited 0 for real.
+    job = get(kubectl, namespace, "job", status["jobName"])
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == images["trainer"]
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"])
+    terminated = trainer_container_status(kubectl, namespace, "support")["state"]["terminated"]
+    assert terminated["exitCode"] == 0 and terminated["reason"] == "Completed"
+
+
+def test_trainer_exit_code_3_fails_the_job_at_once_with_the_trainers_message(
+    operator, kubelet, kubectl, namespace, bucket, minio_client, tiny_task, tmp_path
+):
+    uris = upload(minio_client, bucket, tiny_task)
+    rows = tiny_task["train"].read_text().splitlines()
+    rows[16] = json.dumps({"msgs": [{"role": "user", "content": "hi"}]})
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    bad = tiny.upload_file(minio_client, bucket, "data/bad.jsonl", tmp_path / "bad.jsonl")
+    apply(kubectl, namespace, lorajob("malformed", bucket, uris["base"], bad, uris["test"], retries=3))
+    failed = wait_phase(kubectl, namespace, "malformed", "Failed", "Succeeded", timeout=600)
+    status = failed["status"]
+    assert status["phase"] == "Failed", status
+    # Exit code 3 is "a retry cannot fix this": podFailurePolicy FailJob, so one attempt despite retries: 3.
+    job = get(kubectl, namespace, "job", status["jobName"])
+    reasons = {c["reason"] for c in job["status"]["conditions"] if c["status"] == "True"}
+    assert "PodFailurePolicy" in reasons, job["status"]
+    assert status["attempts"] == 1
+    terminated = trainer_container_status(kubectl, namespace, "malformed")["state"]["terminated"]
+    assert terminated["exitCode"] == 3
+    assert 'bad.jsonl:17: missing "messages"' in status["message"], status["message"]
+
+
+def test_a_secret_without_the_key_is_named_and_no_job_is_created(operator, kubectl, namespace, bucket, devenv):
+    kubectl(
+        "create", "secret", "generic", "typo-creds", "-n", namespace,
+        "--from-literal=access_key=x", f"--from-literal=secretKey={devenv.minio_secret_key}",
+    )  # fmt: skip
+    manifest = lorajob("typo", bucket, f"s3://{bucket}/m/", f"s3://{bucket}/t.jsonl", f"s3://{bucket}/e.jsonl")
+    manifest["spec"]["dataset"]["secretRef"] = {"name": "typo-creds"}
+    apply(kubectl, namespace, manifest)
+    pending = wait_for(
+        "the SecretInvalid condition",
+        lambda: (
+            (obj := get(kubectl, namespace, "lorajob", "typo")).get("status", {}).get("phase") == "Pending"
+            and any(c.get("reason") == "SecretInvalid" for c in obj["status"].get("conditions", []))
+            and obj
+        ),
+    )
+    assert f"spec.dataset.secretRef: Secret {namespace}/typo-creds has no key accessKey" in pending["status"]["message"]
+    assert json.loads(kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)["items"] == []
+
+
+def test_each_location_is_read_with_its_own_secret(
+    operator, kubelet, kubectl, namespace, bucket, minio_client, tiny_task, devenv
+):
+    """The dataset's Secret has wrong keys: reading the dataset fails, although the model's and output's are right."""
+    uris = upload(minio_client, bucket, tiny_task)
+    kubectl(
+        "create", "secret", "generic", "stale-creds", "-n", namespace,
+        f"--from-literal=accessKey={devenv.minio_access_key}", "--from-literal=secretKey=rotated-long-ago",
+        f"--from-literal=endpoint={devenv.minio_endpoint}",
+    )  # fmt: skip
+    manifest = lorajob("stale", bucket, uris["base"], uris["train"], uris["test"])
+    manifest["spec"]["dataset"]["secretRef"] = {"name": "stale-creds"}
+    apply(kubectl, namespace, manifest)
+    failed = wait_phase(kubectl, namespace, "stale", "Failed", "Succeeded", timeout=600)
+    assert failed["status"]["phase"] == "Failed", failed["status"]
+    message = failed["status"]["message"]
+    # The dataset's location is named; the base model, read first with its own Secret, is not the problem.
+    assert f"s3://{bucket}/data/train.jsonl" in message, message
+    assert any(word in message for word in ("SignatureDoesNotMatch", "AccessDenied", "403")), message
+    assert "models/tiny" not in message, message
+
+
+def test_a_pvc_dataset_trains(operator, kubelet, kubectl, namespace, bucket, minio_client, tiny_task, tmp_path):
+    """dataset.train and eval.testSet on a PersistentVolumeClaim, mounted read-only into the trainer pod."""
+    volume = tmp_path / "pv"
+    (volume / "support").mkdir(parents=True)
+    for name in ("train", "test"):
+        (volume / "support" / f"{name}.jsonl").write_bytes(tiny_task[name].read_bytes())
+    os.chmod(tmp_path, 0o755)
+    for path in (volume, volume / "support"):
+        path.chmod(0o755)
+    pv_name = f"{namespace}-data"
+    kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+            "hostPath": {"path": str(volume)}, "claimRef": {"namespace": namespace, "name": "datasets"},
+        },
+    }))  # fmt: skip
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "datasets"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv_name,
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    }))  # fmt: skip
+    try:
+        wait_for(
+            "the claim to bind",
+            lambda: get(kubectl, namespace, "pvc", "datasets").get("status", {}).get("phase") == "Bound",
+        )
+        base = tiny.upload_dir(minio_client, bucket, "models/tiny", tiny_task["model"])
+        manifest = lorajob(
+            "from-pvc", bucket, base, "pvc://datasets/support/train.jsonl", "pvc://datasets/support/test.jsonl"
+        )
+        del manifest["spec"]["dataset"]["secretRef"]  # a claim needs no S3 credentials
+        apply(kubectl, namespace, manifest)
+        done = wait_phase(kubectl, namespace, "from-pvc", "Succeeded", "Failed", timeout=900)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        assert done["status"]["eval"]["adapter"]["exact_match"] >= 0.8
+        pod = pods_of(kubectl, namespace, "from-pvc")[0]
+        mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == "/mnt/pvc/datasets")
+        assert mount["readOnly"] is True
+    finally:
+        kubectl("delete", "pv", pv_name, "--wait=false", check=False)
