@@ -208,6 +208,8 @@ def test_config_file_carries_operator_settings():
     assert config == {
         "trainerImage": f"ghcr.io/kubelora/trainer:{APP_VERSION}",
         "trainerUid": 65532,
+        "agentImage": f"ghcr.io/kubelora/agent:{APP_VERSION}",
+        "imagePullSecrets": [],
         "gpuPricesPerHour": {
             "NVIDIA-A100-SXM4-80GB": 3.67,
             "NVIDIA-A100-SXM4-40GB": 3.06,
@@ -226,12 +228,16 @@ def test_config_file_carries_operator_settings():
         render(
             {
                 "trainer": {"image": {"repository": "registry.example/trainer", "digest": "sha256:" + "a" * 64}},
+                "agent": {"image": {"repository": "registry.example/agent", "tag": "2.0.0"}},
+                "workloads": {"imagePullSecrets": ["regcred"]},
                 "config": {"executor": "local", "gpuPricesPerHour": {"NVIDIA-L4": 1.5, "Tesla-T4": None}},
                 "s3": {"endpoint": "https://s3.example.com", "existingSecret": "s3-creds"},
             }
         )
     )
     assert pinned["trainerImage"] == "registry.example/trainer@sha256:" + "a" * 64
+    assert pinned["agentImage"] == "registry.example/agent:2.0.0"
+    assert pinned["imagePullSecrets"] == ["regcred"]
     assert pinned["executor"] == "local"
     # Helm merges maps: one key changes, null removes one, the other defaults stay.
     assert pinned["gpuPricesPerHour"]["NVIDIA-L4"] == 1.5

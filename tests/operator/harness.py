@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -135,37 +134,3 @@ def wait_phase(kubectl: Any, namespace: str, name: str, *phases: str, timeout: f
 def pods_of(kubectl: Any, namespace: str, lorajob: str) -> list[dict[str, Any]]:
     out = kubectl("get", "pods", "-n", namespace, "-l", f"kubelora.dev/lorajob={lorajob}", "-o", "json").stdout
     return list(json.loads(out)["items"])
-
-
-def upload_result(minio_client: Any, bucket: str, name: str, passed: bool = True) -> dict[str, Any]:
-    """What the trainer writes when it finishes: the result next to the adapter."""
-    digest = "sha256:" + ("cd" * 32)
-    result = {
-        "type": "result",
-        "eval": {
-            "passed": passed,
-            "base": {"exact_match": 0.25},
-            "adapter": {"exact_match": 0.95 if passed else 0.2},
-            "gates": [
-                {
-                    "metric": "exact_match",
-                    "rule": "min",
-                    "threshold": 0.9,
-                    "value": 0.95 if passed else 0.2,
-                    "passed": passed,
-                    "message": "exact_match >= 0.9" if passed else "exact_match 0.200 < min 0.900",
-                }
-            ],
-        },
-        "adapter": {
-            "uri": f"s3://{bucket}/adapters/{name}/",
-            "digest": digest,
-            "sizeBytes": 1234,
-            "trainableParameters": 5678,
-            "rank": 16,
-            "baseModel": "tiny-llama",
-        },
-    }
-    data = json.dumps(result).encode()
-    minio_client.put_object(bucket, f"adapters/{name}/_kubelora/result.json", io.BytesIO(data), len(data))
-    return result
