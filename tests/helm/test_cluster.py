@@ -224,7 +224,8 @@ def test_install_namespaced_mode_without_crds(devenv, kubectl, namespace, other_
         assert can_i(kubectl, namespace, sa, "patch", "lorajobs.kubelora.dev", on=watched, subresource="status")
         assert can_i(kubectl, namespace, sa, "get", "secrets", on=watched)
         assert can_i(kubectl, namespace, sa, "patch", f"kopfpeerings.kopf.dev/{fullname}", on=watched)
-        assert can_i(kubectl, namespace, sa, "watch", "nodes")
+        assert can_i(kubectl, namespace, sa, "list", "nodes")
+        assert not can_i(kubectl, namespace, sa, "watch", "nodes"), "preflight lists nodes; nothing watches them"
         assert can_i(kubectl, namespace, sa, "list", "customresourcedefinitions.apiextensions.k8s.io")
         assert not can_i(kubectl, namespace, sa, "get", "secrets", on=namespace), "secrets outside watched namespaces"
         assert not can_i(kubectl, namespace, sa, "get", "secrets", on="default")
