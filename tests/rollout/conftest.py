@@ -396,9 +396,19 @@ def adapter_bucket(minio_client: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def adapters(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, adapter_bucket: str, devenv: Any
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, adapter_bucket: str, devenv: Any, s3_env: dict[str, str]
 ) -> dict[str, Published]:
-    return make_adapters(tmp_path_factory.mktemp("rollout-adapters"), tiny_model, adapter_bucket)
+    # The trainer's own publish step writes them, with the keys handed over for the OUTPUT role only.
+    from unittest import mock
+
+    from kubelora.trainer import storage
+
+    with mock.patch.dict(os.environ, {f"OUTPUT_{k}": v for k, v in s3_env.items()}):
+        storage._clients.clear()
+        try:
+            return make_adapters(tmp_path_factory.mktemp("rollout-adapters"), tiny_model, adapter_bucket)
+        finally:
+            storage._clients.clear()
 
 
 @pytest.fixture(scope="session")

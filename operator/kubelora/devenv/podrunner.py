@@ -14,13 +14,27 @@ IP, playing its containers:
   ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``) for benchmarks with many pods;
 - the container named ``kubelora-agent``, if any: the adapter agent (``kubelora.serving.agent``),
   with its ``--port``, its env (``secretKeyRef`` values are read from the API) and a directory per pod
-  that lives as long as the pod, like an emptyDir.
+  that lives as long as the pod, like an emptyDir. When the container's image is in buildah's local
+  store (``RunnerConfig.agent_from_image``), the agent runs from that image instead (:class:`ImageProc`),
+  bound to the pod IP, with the pod's directory mounted at its host path.
 
 Processes that exit are restarted with a backoff, as a kubelet restarts containers; processes of a
 deleted pod are killed. :meth:`PodRunner.restart` kills and restarts a pod's server (a container
 restart) without telling the API anything. Use it from tests, or for the demo::
 
     python -m kubelora.devenv.podrunner run --model DIR --namespace demo
+
+**Image mode** (``RunnerConfig(images=True)``, ``run --images``): instead of stand-in processes, the
+runner plays a kubelet that runs every container of the pods it claims from its image in buildah's
+local store (:mod:`kubelora.devenv.kubelet`), and writes their status back as a kubelet does. Pods are
+claimed by label selector, or by the node they are scheduled to (``nodes``: names; ``node_selectors``:
+node label selectors), e.g. training Job pods on the kwok GPU nodes and the Helm chart's operator pod::
+
+    python -m kubelora.devenv.podrunner run --images --namespace demo \
+        --node-selector kubelora.dev/pool=a100 --selector app.kubernetes.io/component=operator
+
+From Python, :func:`image_runner` makes one (by default it claims every pod of its namespace but those
+labelled :data:`POD_LABEL`); :meth:`PodRunner.logs` returns what the containers printed.
 
 This is a development tool: it runs arbitrary local processes for pods, so use it only against the
 local dev cluster.
@@ -48,7 +62,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubelora.devenv import cluster
+from kubelora.devenv import cluster, kubelet
 
 log = logging.getLogger("kubelora.devenv.podrunner")
 
@@ -100,17 +114,37 @@ def ensure_serving_nodes(env: cluster.DevEnv, count: int = 1, timeout: float = 6
         time.sleep(0.2)
 
 
-def parse_selector(text: str) -> dict[str, str | None]:
-    """``a=b,c`` -> {"a": "b", "c": None} (None: the label must exist)."""
-    out: dict[str, str | None] = {}
+Requirement = tuple[str, str, str | None]  # (key, op, value); op: "=", "!=", "exists", "!exists"
+
+
+def parse_selector(text: str) -> list[Requirement]:
+    """A label selector: ``a=b,c,!d,e!=f`` (equality and existence; empty matches everything)."""
+    out: list[Requirement] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        out[key.strip()] = value.strip() if sep else None
+        if part.startswith("!"):
+            out.append((part[1:].strip(), "!exists", None))
+        elif "!=" in part:
+            key, value = part.split("!=", 1)
+            out.append((key.strip(), "!=", value.strip()))
+        elif "=" in part:
+            key, value = part.split("=", 1)
+            out.append((key.strip(), "=", value.strip().lstrip("=")))
+        else:
+            out.append((part, "exists", None))
     return out
 
 
-def _matches(labels: dict[str, str], selector: dict[str, str | None]) -> bool:
-    return all(k in labels and (v is None or labels[k] == v) for k, v in selector.items())
+def _matches(labels: dict[str, str], selector: list[Requirement]) -> bool:
+    def one(key: str, op: str, value: str | None) -> bool:
+        if op == "exists":
+            return key in labels
+        if op == "!exists":
+            return key not in labels
+        if op == "=":
+            return labels.get(key) == value
+        return labels.get(key) != value
+
+    return all(one(*r) for r in selector)
 
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -139,6 +173,29 @@ def server_flags(args: Sequence[str]) -> list[str]:
                 i += 1
         i += 1
     return out
+
+
+#: Image mode's default claim: every pod of the namespace but those a stand-in PodRunner plays.
+NOT_STANDIN = f"!{POD_LABEL}"
+
+
+def image_runner(
+    env: cluster.DevEnv,
+    workdir: Path,
+    namespace: str | Sequence[str] | None = None,
+    selectors: Iterable[str] | None = (NOT_STANDIN,),
+    nodes: Iterable[str] = (),
+    node_selectors: Iterable[str] = (),
+    max_runtime: float | None = 1800.0,
+    grace_cap: float = 10.0,
+) -> PodRunner:
+    """A PodRunner in image mode (not started): it plays the kubelet for the pods it claims, running their
+    containers from local images. By default it claims every pod of ``namespace`` that is not labelled
+    :data:`POD_LABEL` (those belong to stand-in runners); ``selectors=None`` claims every pod there;
+    ``nodes``/``node_selectors`` also claim the pods scheduled to those nodes."""
+    config = RunnerConfig(workdir=workdir, images=True, max_runtime=max_runtime, grace_cap=grace_cap)
+    claim = [""] if selectors is None else list(selectors)
+    return PodRunner(env.kubeconfig, config, namespace, claim, nodes=nodes, node_selectors=node_selectors)
 
 
 def _container(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -210,6 +267,15 @@ class RunnerConfig:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     python: str = sys.executable
     torch_threads: int = 1
+    #: Image mode: run pods' containers from their images (kubelora.devenv.kubelet) instead of stand-ins.
+    images: bool = False
+    #: Image mode: the longest a container may run when its pod has no activeDeadlineSeconds (None: no bound).
+    max_runtime: float | None = 1800.0
+    #: Image mode: cap on terminationGracePeriodSeconds when containers are killed.
+    grace_cap: float = 10.0
+    #: Stand-in mode: run the kubelora-agent sidecar from its image (with buildah) instead of a local process.
+    #: None: when its image is in buildah's local store.
+    agent_from_image: bool | None = None
 
 
 @dataclasses.dataclass
@@ -225,32 +291,59 @@ class RunningPod:
 
 
 class PodRunner:
-    """Runs the containers of matching kwok pods as local processes bound to the pods' IPs."""
+    """Runs the containers of matching kwok pods as local processes bound to the pods' IPs (or, in image
+    mode, from their images).
+
+    A pod is claimed when its labels match one of ``selectors``, or (image mode) when it is scheduled to
+    a node named in ``nodes`` or whose labels match one of ``node_selectors``; only in ``namespace``
+    (a name, several names, or None for all).
+    """
 
     def __init__(
         self,
         kubeconfig: Path,
         config: RunnerConfig,
-        namespace: str | None = None,
+        namespace: str | Sequence[str] | None = None,
         selectors: Iterable[str] = (f"{POD_LABEL}",),
+        nodes: Iterable[str] = (),
+        node_selectors: Iterable[str] = (),
     ) -> None:
         from kubernetes import client
         from kubernetes import config as kube_config
 
         self.config = config
-        self.namespace = namespace
+        namespaces = [namespace] if isinstance(namespace, str) else list(namespace or [])
+        self.namespaces = set(namespaces)
+        self.namespace = namespaces[0] if len(namespaces) == 1 else None  # the watch's scope
         self.selectors = [parse_selector(s) for s in selectors]
+        self.nodes = set(nodes)
+        self.node_selectors = [parse_selector(s) for s in node_selectors]
+        if (self.nodes or self.node_selectors) and not config.images:
+            raise ValueError("claiming pods by node needs image mode (RunnerConfig.images)")
         self.api_client = kube_config.new_client_from_config(config_file=str(kubeconfig))
         self.core = client.CoreV1Api(self.api_client)
         self.pods: dict[tuple[str, str], RunningPod] = {}
         self.lock = threading.RLock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._node_labels: dict[str, tuple[float, dict[str, str]]] = {}
         config.workdir.mkdir(parents=True, exist_ok=True)
+        self._image_store: kubelet.ImageStore | None = None  # stand-in mode's agent from its image
+        self._token = ""
+        self.kubelet: kubelet.ImageKubelet | None = None
+        if config.images:
+            self.kubelet = kubelet.ImageKubelet(
+                self.api_client,
+                kubelet.KubeletConfig(
+                    workdir=config.workdir, max_runtime=config.max_runtime, grace_cap=config.grace_cap
+                ),
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> PodRunner:
+        if self.kubelet is not None:
+            self.kubelet.start()
         for target, name in ((self._watch_loop, "podrunner-watch"), (self._supervise_loop, "podrunner-supervise")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -264,6 +357,10 @@ class PodRunner:
             self.pods.clear()
         for pod in pods:
             self._kill(pod)
+        if self.kubelet is not None:
+            self.kubelet.stop()
+        if self._image_store is not None:
+            kubelet.release_runner_token(self._image_store, self._token)
         for thread in self._threads:
             thread.join(timeout=5)
         self.api_client.close()
@@ -299,6 +396,21 @@ class PodRunner:
                 )
             time.sleep(0.25)
 
+    def logs(self, namespace: str | None = None, pod: str | None = None, container: str | None = None) -> str:
+        """Image mode: the logs of the containers the runner ran (every run), with a header per file."""
+        root = self.config.workdir / "logs"
+        parts = []
+        for directory in sorted(root.glob("*")) if root.is_dir() else []:
+            ns, _, rest = directory.name.partition("_")
+            name = rest.rsplit("_", 1)[0]
+            if namespace not in (None, ns) or pod not in (None, name):
+                continue
+            for path in sorted(directory.glob("*/*.log"), key=lambda p: (p.parent.name, int(p.stem))):
+                if container in (None, path.parent.name):
+                    text = path.read_text(errors="replace")
+                    parts.append(f"==> {ns}/{name} container={path.parent.name} run={path.stem} <==\n{text}")
+        return "\n".join(parts)
+
     def restart(self, name: str, namespace: str | None = None, agent: bool = False) -> None:
         """Kill a pod's server process (and the agent, if asked) and start it again: a container restart."""
         with self.lock:
@@ -317,8 +429,31 @@ class PodRunner:
     # -- the watch -----------------------------------------------------------------------------------------
 
     def _selected(self, pod: dict[str, Any]) -> bool:
-        labels = pod["metadata"].get("labels") or {}
-        return any(_matches(labels, s) for s in self.selectors)
+        meta = pod["metadata"]
+        if self.namespaces and meta.get("namespace") not in self.namespaces:
+            return False
+        labels = meta.get("labels") or {}
+        if any(_matches(labels, s) for s in self.selectors):
+            return True
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node:
+            return False
+        if node in self.nodes:
+            return True
+        return bool(self.node_selectors) and any(_matches(self._labels_of_node(node), s) for s in self.node_selectors)
+
+    def _labels_of_node(self, name: str) -> dict[str, str]:
+        cached = self._node_labels.get(name)
+        if cached is not None and time.monotonic() - cached[0] < 60:
+            return cached[1]
+        try:
+            node = self.api_client.sanitize_for_serialization(self.core.read_node(name))
+            labels = dict((node.get("metadata") or {}).get("labels") or {})
+        except Exception as exc:
+            log.warning("Cannot read node node=%s error=%s", name, exc)
+            labels = {}
+        self._node_labels[name] = (time.monotonic(), labels)
+        return labels
 
     def _list(self) -> tuple[list[dict[str, Any]], str]:
         if self.namespace:
@@ -342,6 +477,11 @@ class PodRunner:
                     gone = [key for key in self.pods if key not in seen]
                 for key in gone:
                     self._remove(key)
+                if self.kubelet is not None:
+                    uids = {pod["metadata"]["uid"] for pod in items}
+                    for worker in list(self.kubelet.pods().values()):
+                        if worker.uid not in uids:
+                            self.kubelet.deleted(worker.uid)
                 stream = watch.Watch()
                 func = self.core.list_namespaced_pod if self.namespace else self.core.list_pod_for_all_namespaces
                 kwargs: dict[str, Any] = {"resource_version": version, "timeout_seconds": 30}
@@ -355,6 +495,8 @@ class PodRunner:
                     pod = self.api_client.sanitize_for_serialization(obj)
                     if event["type"] == "DELETED":
                         self._remove((pod["metadata"]["namespace"], pod["metadata"]["name"]))
+                        if self.kubelet is not None:
+                            self.kubelet.deleted(pod["metadata"]["uid"])
                     else:
                         self._sync(pod)
             except Exception as exc:
@@ -363,6 +505,10 @@ class PodRunner:
                     self._stopping.wait(1.0)
 
     def _sync(self, pod: dict[str, Any]) -> None:
+        if self.kubelet is not None:
+            if self.kubelet.owns(pod["metadata"]["uid"]) or self._selected(pod):
+                self.kubelet.sync(pod)
+            return
         meta, status = pod["metadata"], pod.get("status") or {}
         key = (meta["namespace"], meta["name"])
         wanted = (
@@ -445,15 +591,19 @@ class PodRunner:
             rank = _flag_value(server_args, "--max-lora-rank")
             if rank:
                 command += ["--max-lora-rank", rank]
-            if agent is not None:
-                # one process plays both containers, to keep 50 fake pods light
+            # fake mode runs the agent from its image only when asked (agent_from_image=True): 50 fake pods stay light
+            image = self._agent_image(agent) if agent is not None and self.config.agent_from_image else None
+            if agent is not None and image is None:
+                # one process plays both containers
                 command += ["--agent-port", str(agent_port), "--agent-dir", str(adapters)]
                 agent_env = self._container_env(namespace, agent)
                 server_env.update(agent_env)
             procs["server"] = Proc(
                 "server", command, server_env, directory / "server.log", f"http://{ip}:{server_port}/health"
             )
-            if agent is not None:
+            if agent is not None and image is not None:
+                procs["agent"] = self._agent_from_image(pod, agent, image, adapters, agent_port or 0)
+            elif agent is not None:
                 procs["agent-health"] = _HealthOnly(
                     "agent",
                     [],
@@ -472,7 +622,10 @@ class PodRunner:
             procs["server"] = Proc(
                 "server", command, server_env, directory / "server.log", f"http://{ip}:{server_port}/health"
             )
-            if agent is not None:
+            agent_image = self._agent_image(agent) if agent is not None else None
+            if agent is not None and agent_image is not None:
+                procs["agent"] = self._agent_from_image(pod, agent, agent_image, adapters, agent_port or 0)
+            elif agent is not None:
                 agent_command = [python, "-m", "kubelora.serving.agent", "--host", ip, "--port", str(agent_port)]
                 agent_command += ["--dir", str(adapters)]
                 procs["agent"] = Proc(
@@ -486,6 +639,53 @@ class PodRunner:
             proc.start()
         log.info("Started pod pod=%s/%s ip=%s server=%s agent=%s", namespace, name, ip, self.config.server, agent_port)
         return RunningPod(namespace, name, meta["uid"], ip, directory, procs, server_port, agent_port)
+
+    def _agent_image(self, agent: dict[str, Any]) -> kubelet.Image | None:
+        if self.config.agent_from_image is False:
+            return None
+        image = self._store().resolve(str(agent.get("image", "")))
+        if image is None and self.config.agent_from_image:
+            raise ValueError(f"agent image {agent.get('image')} is not in buildah's local store")
+        return image
+
+    def _store(self) -> kubelet.ImageStore:
+        if self._image_store is None:
+            self._image_store = kubelet.ImageStore()
+            self._token = kubelet.new_runner_token()
+        return self._image_store
+
+    def _agent_from_image(
+        self, pod: dict[str, Any], agent: dict[str, Any], image: kubelet.Image, adapters: Path, port: int
+    ) -> ImageProc:
+        """The agent container from its image, as a kubelet runs it (env, user, command), except that it binds
+        the pod IP and keeps adapters in the pod's host directory, mounted at the same path, so the stand-in
+        (a host process) can load the paths the agent reports."""
+        meta = pod["metadata"]
+        ip = pod["status"]["podIP"]
+        kube = kubelet.Kube(self.api_client)
+        lookup = kubelet.Lookup(kube, meta["namespace"], pod["spec"].get("nodeName"))
+        env = kubelet.container_env(pod, agent, lookup, kubelet.service_env(kube.host, kube.port))
+        argv = kubelet.container_command(agent, image.config, env)
+        argv = _replace_flag(
+            _replace_flag(_replace_flag(argv, "--host", ip), "--port", str(port)), "--dir", str(adapters)
+        )
+        adapters.chmod(0o777)
+        name = kubelet.container_name(self._token, meta["namespace"], meta["name"], agent["name"], meta["uid"])
+        return ImageProc(
+            "agent",
+            [],
+            env,
+            adapters.parent / "agent.log",
+            f"http://{ip}:{port}/health",
+            store=self._store(),
+            image=image,
+            working=name,
+            argv=argv,
+            user=kubelet.container_user(pod, agent, image.config),
+            workdir=agent.get("workingDir") or image.config.get("WorkingDir") or "/",
+            hostname=meta["name"][:63],
+            mounts=[(adapters, str(adapters), False)],
+        )
 
     def _supervise_loop(self) -> None:
         while not self._stopping.wait(0.5):
@@ -535,6 +735,68 @@ class _HealthOnly(Proc):
             return False
         self.process = self.parent.process
         return Proc.healthy(self)
+
+
+@dataclasses.dataclass
+class ImageProc(Proc):
+    """A container run from its image with buildah (stand-in mode's agent sidecar); restarts recreate it."""
+
+    store: kubelet.ImageStore | None = None
+    image: kubelet.Image | None = None
+    working: str = ""
+    argv: list[str] = dataclasses.field(default_factory=list)
+    user: str = "0"
+    workdir: str = "/"
+    hostname: str = ""
+    mounts: list[tuple[Path, str, bool]] = dataclasses.field(default_factory=list)
+
+    def start(self) -> None:
+        assert self.store is not None and self.image is not None
+        _, rootfs = self.store.create(self.working, self.image.id)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.touch()
+        command, runtime_log = kubelet.run_command(
+            self.store.buildah,
+            self.working,
+            rootfs,
+            self.argv,
+            self.env,
+            self.user,
+            self.workdir,
+            self.hostname,
+            self.mounts,
+            self.log_path,
+        )
+        with (runtime_log or self.log_path).open("ab") as out:
+            out.write(f"--- podrunner: starting {self.image.ref} {' '.join(self.argv)}\n".encode())
+            out.flush()
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.started_at = time.monotonic()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        Proc.stop(self, sig, timeout)
+        if self.store is not None:
+            self.store.remove(self.working)
+
+
+def _replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """``--flag X`` / ``--flag=X`` set to ``value`` (appended when absent)."""
+    out: list[str] = []
+    i, found = 0, False
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            out += [flag, value]
+            i, found = i + 2, True
+            continue
+        if argv[i].startswith(flag + "="):
+            out.append(f"{flag}={value}")
+            i, found = i + 1, True
+            continue
+        out.append(argv[i])
+        i += 1
+    return out if found else [*out, flag, value]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -624,11 +886,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="Run matching pods of the dev cluster until interrupted")
     run.add_argument("--model", type=Path, help="Local model directory for the stand-in")
-    run.add_argument("--namespace", default=None, help="Only this namespace (default: all)")
-    run.add_argument("--selector", action="append", default=None, help=f"Pod label selector (default {POD_LABEL})")
+    run.add_argument(
+        "--namespace", action="append", default=None, help="Only this namespace; repeat for more (default: all)"
+    )
+    run.add_argument(
+        "--selector",
+        action="append",
+        default=None,
+        help=f"Pod label selector, a=b,c,!d; repeat for more (default {POD_LABEL}; with --images, every pod but "
+        f"those, {NOT_STANDIN}, or none with --node/--node-selector)",
+    )
     run.add_argument("--server", choices=("standin", "fake"), default="standin")
     run.add_argument("--workdir", type=Path, default=cluster.state_dir() / "podrunner")
     run.add_argument("--nodes", type=int, default=1, help="Serving-pool nodes to create")
+    image = run.add_argument_group("image mode: run containers from their images with buildah, as a kubelet")
+    image.add_argument("--images", action="store_true", help="Run pods' containers from local images")
+    image.add_argument("--node", action="append", default=[], help="Also claim pods on this node; repeatable")
+    image.add_argument(
+        "--node-selector",
+        action="append",
+        default=[],
+        help="Also claim pods on nodes with these labels, e.g. kubelora.dev/pool=a100; repeatable",
+    )
+    image.add_argument(
+        "--max-runtime",
+        type=float,
+        default=1800.0,
+        help="Longest container run when the pod has no activeDeadlineSeconds, seconds (0: unbounded)",
+    )
+    image.add_argument("--grace-cap", type=float, default=10.0, help="Cap on termination grace periods, seconds")
+    image.add_argument(
+        "--build-images",
+        default="",
+        help="Comma-separated image names to build first with kubelora.devenv.images.ensure_images",
+    )
     fake = sub.add_parser("fake-vllm", help="Serve the light fake vLLM (and optionally the agent) on one address")
     fake.add_argument("--host", required=True)
     fake.add_argument("--port", type=int, default=8000)
@@ -645,19 +936,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if env is None:
         print("The environment is not running; start it with: make dev-up", file=sys.stderr)
         return 1
+    if (args.node or args.node_selector) and not args.images:
+        parser.error("--node and --node-selector need --images")
     nodes = ensure_serving_nodes(env, args.nodes)
+    if args.build_images:
+        import importlib
+
+        images = importlib.import_module("kubelora.devenv.images")
+        for name, ref in images.ensure_images([n.strip() for n in args.build_images.split(",") if n.strip()]).items():
+            print(f"Image {name}: {ref}", file=sys.stderr)
     config = RunnerConfig(
         workdir=args.workdir,
         model_dir=args.model,
         server=args.server,
         env={k: v for k, v in env.env().items() if k != "PATH"},
+        images=args.images,
+        max_runtime=args.max_runtime or None,
+        grace_cap=args.grace_cap,
     )
-    runner = PodRunner(env.kubeconfig, config, args.namespace, args.selector or [POD_LABEL])
-    print(
-        f"Running pods labelled {args.selector or [POD_LABEL]} on nodes {nodes}; "
-        f"schedule them with nodeSelector {NODE_SELECTOR} and tolerations {TOLERATIONS}. Ctrl-C stops.",
-        file=sys.stderr,
+    by_node = bool(args.node or args.node_selector)
+    if args.images and not (args.namespace or args.selector or by_node):
+        parser.error("--images needs --namespace, --selector, --node or --node-selector: it takes pods over")
+    if args.selector is not None:
+        selectors = args.selector
+    elif args.images:
+        selectors = [] if by_node else [NOT_STANDIN]
+    else:
+        selectors = [POD_LABEL]
+    runner = PodRunner(
+        env.kubeconfig, config, args.namespace, selectors, nodes=args.node, node_selectors=args.node_selector
     )
+    if args.images:
+        print(
+            f"Running pods labelled {selectors} or on nodes {args.node} / nodes labelled {args.node_selector} "
+            f"in namespaces {args.namespace or 'all'} from their images. Ctrl-C stops.",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"Running pods labelled {selectors} on nodes {nodes}; "
+            f"schedule them with nodeSelector {NODE_SELECTOR} and tolerations {TOLERATIONS}. Ctrl-C stops.",
+            file=sys.stderr,
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with runner, contextlib.suppress(KeyboardInterrupt):
