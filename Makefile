@@ -12,8 +12,11 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
+# make images push REGISTRY=registry.example:5000 [TLS_VERIFY=false]
+REGISTRY ?=
+TLS_VERIFY ?= true
 
-.PHONY: help venv tools dev-up dev-down dev-status crds check-crds lint test test-unit demo bench clean
+.PHONY: help venv tools dev-up dev-down dev-status crds check-crds lint test test-unit demo bench clean images push image-tools
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -53,19 +56,33 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff format --check operator trainer tests bench
 	$(VENV)/bin/mypy -p kubelora
 
-test: venv tools lint ## Lint, then every test against the real control plane, MinIO and trainer
+test: venv tools images lint ## Lint, then every test against the real control plane, MinIO, the images and the trainer
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv ## Tests that need no environment
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-demo: tools ## The whole story on one machine
+demo: tools images ## The whole story on one machine
 	$(PY) -m kubelora.demo
 
 bench: tools ## Benchmarks (JSON on stdout)
 	$(PY) bench/trainer.py
 	$(PY) bench/operator.py
 	$(PY) bench/rollout.py
+
+images: venv image-tools ## Build the operator, agent and trainer images with buildah (cached by their inputs)
+	$(PY) -m kubelora.devenv.images build
+
+push: venv image-tools ## Push the images to $(REGISTRY)/kubelora/<name>:<tag> (make images push REGISTRY=host:5000)
+	@test -n "$(REGISTRY)" || { echo "Set REGISTRY, e.g.: make images push REGISTRY=registry.example:5000" >&2; exit 2; }
+	$(PY) -m kubelora.devenv.images push '$(REGISTRY)' --tls-verify=$(TLS_VERIFY)
+
+image-tools: ## Install buildah and mmdebstrap with apt-get when they are missing
+	@if command -v buildah >/dev/null && command -v mmdebstrap >/dev/null; then exit 0; fi; \
+	sudo=""; if [ "$$(id -u)" != 0 ]; then sudo=sudo; fi; \
+	echo "Installing buildah and mmdebstrap with apt-get"; \
+	$$sudo apt-get update; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y buildah mmdebstrap
 
 clean: dev-down ## Remove the virtualenv (the tool cache in ~/.cache/kubelora stays)
 	rm -rf $(VENV)

@@ -53,7 +53,7 @@ def entrypoint(dockerfile: Path) -> list[str]:
 
 def test_the_expected_images_exist():
     names = {p.name for p in DOCKERFILES}
-    assert {"Dockerfile.operator", "Dockerfile.trainer"} <= names
+    assert names == {"Dockerfile.operator", "Dockerfile.trainer", "Dockerfile.agent"}
     assert (IMAGES / "README.md").is_file()
 
 
@@ -120,21 +120,76 @@ def test_images_run_as_non_root(dockerfile):
     assert user.isdigit() and int(user) >= 1000, "a numeric uid lets runAsNonRoot verify it"
 
 
+def requirements_step(dockerfile: Path) -> tuple[str, list[str], str]:
+    """(program, extras, pip arguments) of the RUN that lists the dependencies from pyproject.toml."""
+    runs = [rest for keyword, rest in instructions(dockerfile) if keyword == "RUN" and "tomllib" in rest]
+    assert len(runs) == 1, f"{dockerfile.name}: one RUN lists the dependencies from pyproject.toml"
+    found = re.search(r"python3 -c '([^']+)'([a-z ]*)\|\s*(/opt/venv/bin/pip install .*)$", runs[0])
+    assert found, runs[0]
+    return found.group(1), found.group(2).split(), found.group(3)
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_images_install_the_kubelora_wheel_with_existing_extras(dockerfile):
-    text = " ".join(rest for _, rest in instructions(dockerfile))
-    assert "pip wheel" in text and "kubelora-*.whl" in text, "built from this checkout as a wheel"
-    assert "--constraint constraints.txt" in text, "the tested versions"
-    extras = set(re.findall(r"kubelora-\*\.whl\)\[([a-z,]+)\]", text))
-    for extra in {e for group in extras for e in group.split(",")}:
+def test_images_install_the_dependencies_pyproject_names(dockerfile):
+    """The step's own program, run here on pyproject.toml, lists the base and extra requirements."""
+    program, extras, pip_args = requirements_step(dockerfile)
+    assert "--constraint constraints.txt" in pip_args and "--requirement /dev/stdin" in pip_args
+    for extra in extras:
         assert extra in PYPROJECT["project"]["optional-dependencies"], f"{dockerfile.name}: no extra {extra}"
     if dockerfile.name in EXPECTED_EXTRA:
-        assert EXPECTED_EXTRA[dockerfile.name] in {e for group in extras for e in group.split(",")}
+        assert EXPECTED_EXTRA[dockerfile.name] in extras
+    listed = subprocess.run(
+        [sys.executable, "-c", program, *extras], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    expected = list(PYPROJECT["project"]["dependencies"])
+    for extra in extras:
+        expected += PYPROJECT["project"]["optional-dependencies"][extra]
+    assert [line for line in listed if line] == expected
+    names = {re.split(r"[<>=!~\[ ]", r)[0] for r in expected}
+    if dockerfile.name == "Dockerfile.agent":
+        assert not names & {"torch", "kopf"}, "the agent stays small"
+        assert "aiohttp" in pip_args and "minio" in pip_args
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_kubelora_from_the_checkout(dockerfile):
+    text = " ".join(rest for _, rest in instructions(dockerfile))
+    assert "/opt/venv/bin/pip install --no-deps /tmp/kubelora-src" in text
+    assert "/opt/venv/bin/pip check" in text, "the --no-deps install is checked against the dependencies"
     for copied in re.findall(
         r"^COPY (?!--from)(.+) \S+$", "\n".join(f"{k} {r}" for k, r in instructions(dockerfile)), re.M
     ):
         for source in copied.split():
             assert (REPO / source).exists(), f"{dockerfile.name} copies missing {source}"
+            assert not re.search(r"pip\.conf|\.crt|\.pem|sources\.list|apt\.conf", source), source
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_build_on_a_base_image_argument(dockerfile):
+    """One stage on BASE_IMAGE (python:3.11-slim-bookworm unless `make images` passes its own); no CUDA base."""
+    steps = instructions(dockerfile)
+    assert ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm") in steps
+    assert [rest for keyword, rest in steps if keyword == "FROM"] == ["${BASE_IMAGE}"]
+    text = dockerfile.read_text()
+    assert "nvidia/cuda" not in text and "flash-attn" not in text and "apt-get" not in text
+    assert "python3 -m venv /opt/venv" in text, "python3: /usr/local/bin on the slim image, /usr/bin on Debian's"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_pip_caches_in_a_cache_mount_only(dockerfile):
+    runs = [rest for keyword, rest in instructions(dockerfile) if keyword == "RUN" and "pip install" in rest]
+    assert runs
+    for run in runs:
+        assert run.startswith("--mount=type=cache,target=/root/.cache/pip "), run
+    text = dockerfile.read_text()
+    assert "PIP_NO_CACHE_DIR" not in text and "--no-cache-dir" not in text
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_user_exists_in_the_image(dockerfile):
+    text = " ".join(rest for _, rest in instructions(dockerfile))
+    assert "groupadd --gid 65532 kubelora" in text and "useradd --uid 65532 --gid 65532" in text
+    assert [rest for keyword, rest in final_stage(dockerfile) if keyword == "USER"] == ["65532:65532"]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

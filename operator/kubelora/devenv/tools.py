@@ -1,8 +1,9 @@
 """Build the upstream programs the local environment runs, from pinned versions, with Go.
 
 There is no Docker engine and no binary downloads here, so etcd, the Kubernetes control
-plane, kwok, MinIO and Helm are compiled through the Go module proxy and cached by version
-under ``$XDG_CACHE_HOME/kubelora/bin``. A warm cache makes every build a no-op.
+plane, kwok, MinIO, Helm and actionlint are compiled through the Go module proxy that
+``go env GOPROXY`` names, and cached by version under ``$XDG_CACHE_HOME/kubelora/bin``. A warm
+cache makes every build a no-op.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ ETCD_VERSION = "v3.6.8"
 KWOK_VERSION = "v0.8.0"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
 HELM_VERSION = "v3.22.0"
-
-GO_PROXY_FALLBACK = "https://proxy.golang.org"
+ACTIONLINT_VERSION = "v1.7.12"
 
 
 def cache_root() -> Path:
@@ -62,7 +62,9 @@ ETCD = Tool("etcd", ETCD_VERSION, ("etcd",))
 KWOK = Tool("kwok", KWOK_VERSION, ("kwok", "kwokctl"))
 MINIO = Tool("minio", MINIO_VERSION, ("minio",))
 HELM = Tool("helm", HELM_VERSION, ("helm",))
-ALL_TOOLS = (ETCD, KUBERNETES, KWOK, MINIO, HELM)
+# Lints .github/workflows (tests/images/test_release_workflow.py).
+ACTIONLINT = Tool("actionlint", ACTIONLINT_VERSION, ("actionlint",))
+ALL_TOOLS = (ETCD, KUBERNETES, KWOK, MINIO, HELM, ACTIONLINT)
 
 
 def _go_env() -> dict[str, str]:
@@ -92,20 +94,33 @@ def _run(cmd: list[str], cwd: Path | None, log: Path, heartbeat_seconds: float =
         raise RuntimeError(f"Command failed: {' '.join(cmd)} (log={log})\n{tail}")
 
 
-def _go_proxy() -> str:
-    proxy = (
-        _go_env().get("GOPROXY")
-        or subprocess.run(["go", "env", "GOPROXY"], capture_output=True, text=True, env=_go_env()).stdout.strip()
-    )
+def go_proxy() -> str:
+    """The first HTTP(S) module proxy in ``go env GOPROXY``: the one Go itself is configured with.
+
+    The Kubernetes build reads ``k8s.io/kubernetes``'s go.mod from it directly, so a GOPROXY of
+    ``off`` or only ``direct`` cannot work and fails here with what to set instead.
+    """
+    try:
+        result = subprocess.run(["go", "env", "GOPROXY"], capture_output=True, text=True, env=_go_env(), check=False)
+    except FileNotFoundError as exc:
+        raise RuntimeError("Go is not installed: building the tools needs Go 1.26 or newer on PATH") from exc
+    if result.returncode != 0:
+        raise RuntimeError(f"`go env GOPROXY` failed: {result.stderr.strip()}")
+    proxy = result.stdout.strip()
     for entry in proxy.replace("|", ",").split(","):
-        if entry.startswith("http"):
+        entry = entry.strip()
+        if entry.startswith(("http://", "https://")):
             return entry.rstrip("/")
-    return GO_PROXY_FALLBACK
+    raise RuntimeError(
+        f"GOPROXY={proxy!r} names no HTTP(S) Go module proxy, and the tool builds need one (the Kubernetes "
+        "build reads k8s.io/kubernetes's go.mod from it). Point Go at the module proxy or mirror you use, "
+        "e.g. `go env -w GOPROXY=https://goproxy.example.internal,direct`, or export GOPROXY."
+    )
 
 
 def _kubernetes_staging_modules(version: str) -> list[str]:
     """The staging modules k8s.io/kubernetes replaces with ./staging paths in its go.mod."""
-    url = f"{_go_proxy()}/k8s.io/kubernetes/@v/{version}.mod"
+    url = f"{go_proxy()}/k8s.io/kubernetes/@v/{version}.mod"
     with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (the Go module proxy)
         text = response.read().decode()
     modules = []
@@ -190,6 +205,7 @@ BUILDERS = {
     "kwok": _go_install(["sigs.k8s.io/kwok/cmd/kwok", "sigs.k8s.io/kwok/cmd/kwokctl"]),
     "minio": _go_install(["github.com/minio/minio"]),
     "helm": _go_install(["helm.sh/helm/v3/cmd/helm"]),
+    "actionlint": _go_install(["github.com/rhysd/actionlint/cmd/actionlint"]),
 }
 
 
