@@ -177,3 +177,33 @@ def test_container_config_errors_reach_the_observation():
     observed = observe_job(job, [pod])
     assert observed.state == "Pending" and observed.reason == "CreateContainerConfigError"
     assert "Secret team-a/minio-creds" in observed.message
+
+
+def test_a_failed_job_takes_reason_and_message_from_the_trainers_termination_summary():
+    job = {
+        "metadata": {"name": "support-train"},
+        "status": {
+            "failed": 1,
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 3"}
+            ],
+        },
+    }
+
+    def pod(message: str) -> dict:
+        terminated = {"exitCode": 3, "reason": "Error", "message": message}
+        return {
+            "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}],
+            },
+        }
+
+    summary = json.dumps({"reason": "MalformedDataset", "message": 'train.jsonl:17: missing "messages"'})
+    observed = observe_job(job, [pod(summary)])
+    assert observed.reason == "MalformedDataset"
+    assert observed.message == 'train.jsonl:17: missing "messages"; exit code 3'
+    # A log tail (FallbackToLogsOnError) is passed on as text, under the Job's reason.
+    tail = observe_job(job, [pod("Traceback ...\nValueError: boom")])
+    assert tail.reason == "PodFailurePolicy" and tail.message.startswith("Traceback ...")

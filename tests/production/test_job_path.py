@@ -29,7 +29,7 @@ def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def lorajob(name: str, bucket: str, base: str, train: str, test: str, **overrides: Any) -> dict[str, Any]:
-    spec = make_spec(base=base, train=train, test=test, output=f"s3://{bucket}/adapters/{name}/")
+    spec = make_spec(base=base, train=train, test=test, output=f"s3://{bucket}/adapters/{name}/")["spec"]
     spec["baseModel"]["secretRef"] = SECRET
     spec["dataset"]["secretRef"] = SECRET
     spec["output"]["secretRef"] = SECRET
@@ -102,7 +102,12 @@ def test_trainer_exit_code_3_fails_the_job_at_once_with_the_trainers_message(
     assert status["attempts"] == 1
     terminated = trainer_container_status(kubectl, namespace, "malformed")["state"]["terminated"]
     assert terminated["exitCode"] == 3
-    assert 'bad.jsonl:17: missing "messages"' in status["message"], status["message"]
+    # The kubelet's termination message (here the log's tail: FallbackToLogsOnError) names the row ...
+    assert "bad.jsonl:17" in terminated["message"], terminated
+    # ... and the LoRAJob says what is wrong, with the trainer's own reason, file and line.
+    assert status["message"].startswith('bad.jsonl:17: missing "messages"'), status["message"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "MalformedDataset", ready
 
 
 def test_a_secret_without_the_key_is_named_and_no_job_is_created(operator, kubectl, namespace, bucket, devenv):

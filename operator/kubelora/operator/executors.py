@@ -6,6 +6,7 @@ Both give the same Observation, so the LoRAJob state machine does not know which
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -77,13 +78,26 @@ def _pod_observation(pods: list[dict[str, Any]]) -> tuple[str, str, str] | None:
     return None
 
 
-def _termination_message(pods: list[dict[str, Any]]) -> str:
+def _termination_message(pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """(reason, message) from the newest pod's terminated container.
+
+    The trainer writes a JSON summary ({"reason", "message", ...}) to its termination log; anything
+    else (a kubelet's FallbackToLogsOnError tail, another image) is passed on as text.
+    """
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
         for container in (pod.get("status") or {}).get("containerStatuses") or []:
             terminated = (container.get("state") or {}).get("terminated") or {}
-            if terminated.get("message"):
-                return str(terminated["message"])[:1024]
-    return ""
+            text = str(terminated.get("message") or "").strip()
+            if not text:
+                continue
+            try:
+                summary = json.loads(text)
+            except ValueError:
+                return "", text[-1024:]
+            if isinstance(summary, dict) and summary.get("message"):
+                return str(summary.get("reason") or ""), str(summary["message"])[:1024]
+            return "", text[-1024:]
+    return "", ""
 
 
 def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observation:
@@ -102,9 +116,9 @@ def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Obser
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     if failed is not None:
         base.state = "Failed"
-        base.reason = failed.get("reason") or "JobFailed"
-        detail = _termination_message(pods)
-        base.message = "; ".join(m for m in (failed.get("message") or "", detail) if m)
+        trainer_reason, detail = _termination_message(pods)
+        base.reason = trainer_reason or failed.get("reason") or "JobFailed"
+        base.message = "; ".join(m for m in (detail, failed.get("message") or "") if m)
         base.finished_at = failed.get("lastTransitionTime")
         return base
     pod_state = _pod_observation(pods)
@@ -148,6 +162,10 @@ class JobExecutor:
         observation = observe_job(jobs[0] if jobs else None, list(self.pods.get(key, [])))
         if observation.state == "Succeeded":
             observation.report = read_s3_report(lorajob, credentials, ("progress.json", "result.json"))
+        elif observation.state == "Failed":
+            # The trainer mirrors its error (reason, file:line message) next to the output; it says more
+            # than a termination message, which a kubelet may have cut to the log's last 2 KiB.
+            observation.report = read_s3_report(lorajob, credentials, ("result.json",))
         elif observation.state == "Running" and read_progress:
             observation.report = read_s3_report(lorajob, credentials, ("progress.json",))
         return observation

@@ -349,7 +349,8 @@ def reconcile(
                 observation.run_name,
             )
     else:
-        credentials = credentials_of(lorajob, cluster, config) if observation.state in ("Running", "Succeeded") else {}
+        wanted = ("Running", "Succeeded", "Failed")
+        credentials = credentials_of(lorajob, cluster, config) if observation.state in wanted else {}
         observation = executor.observe(lorajob, credentials, read_progress=read_progress)
     status, events = derive_status(lorajob, old, observation, config, check)
     if _same(old, status):
