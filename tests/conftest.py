@@ -89,6 +89,15 @@ def namespace(devenv: cluster.DevEnv) -> Iterator[str]:
     cluster.kubectl(devenv, "delete", "namespace", name, "--wait=false", check=False)
 
 
+@pytest.fixture
+def other_namespace(devenv: cluster.DevEnv) -> Iterator[str]:
+    """A second namespace, for a release in one namespace that acts in another (a tenant)."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl(devenv, "create", "namespace", name)
+    yield name
+    cluster.kubectl(devenv, "delete", "namespace", name, "--wait=false", check=False)
+
+
 @pytest.fixture(scope="session")
 def minio_client(devenv: cluster.DevEnv) -> Any:
     from minio import Minio

@@ -7,8 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +17,6 @@ from tests.conftest import REPO, wait_for
 from tests.helm.conftest import CHART, KOPF_CRDS, KUBELORA_CRDS, run_helm, set_args, template, unique_release
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def other_namespace(kubectl) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def can_i(

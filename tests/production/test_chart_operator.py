@@ -8,8 +8,6 @@ exact rule set is asserted in tests/helm/test_chart.py.
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,31 +18,16 @@ from kubelora.devenv import podrunner
 from kubelora.trainer import tiny
 from tests.conftest import wait_for
 from tests.helm.conftest import CHART, run_helm, set_args, unique_release
-from tests.operator.harness import create_s3_secret, get, wait_phase
+from tests.operator.harness import create_s3_secret, free_port, get, wait_phase
 from tests.production.test_job_path import lorajob, upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def tenant(kubectl) -> Iterator[str]:
-    import uuid
-
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
 def test_chart_operator_from_its_image_trains_and_serves(
-    devenv, kubectl, namespace, tenant, images, crds, minio_client, bucket, tmp_path
+    devenv, kubectl, namespace, other_namespace, images, crds, minio_client, bucket, tmp_path
 ):
+    tenant = other_namespace
     release = unique_release()
     fullname = f"{release}-kubelora"
     values: dict[str, Any] = {
