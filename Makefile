@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 REGISTRY ?=
 TLS_VERIFY ?= true
 
-.PHONY: help venv tools dev-up dev-down dev-status crds check-crds lint test test-unit demo bench clean images push image-tools
+.PHONY: help setup venv tools dev-up dev-down dev-status crds check-crds lint test test-unit demo bench clean images push image-tools
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -56,13 +56,18 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff format --check operator trainer tests bench
 	$(VENV)/bin/mypy -p kubelora
 
-test: venv tools images lint ## Lint, then every test against the real control plane, MinIO, the images and the trainer
+# The Go builds are CPU-bound and the image builds mostly download and write layers, so a cold
+# machine builds both at once (about 8 minutes less on 2 cores); warm, each is a cache check.
+setup: venv image-tools
+	$(MAKE) --no-print-directory -j2 tools images
+
+test: setup lint ## Lint, then every test against the real control plane, MinIO, the images and the trainer
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv ## Tests that need no environment
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-demo: tools images ## The whole story on one machine
+demo: setup ## The whole story on one machine
 	$(PY) -m kubelora.demo
 
 bench: tools ## Benchmarks (JSON on stdout)

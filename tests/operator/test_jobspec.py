@@ -207,3 +207,11 @@ def test_a_failed_job_takes_reason_and_message_from_the_trainers_termination_sum
     # A log tail (FallbackToLogsOnError) is passed on as text, under the Job's reason.
     tail = observe_job(job, [pod("Traceback ...\nValueError: boom")])
     assert tail.reason == "PodFailurePolicy" and tail.message.startswith("Traceback ...")
+
+
+def test_a_pod_that_just_ended_keeps_the_run_in_progress_until_the_job_says_more():
+    job = {"metadata": {"name": "support-train"}, "status": {"active": 1}}
+    ended = {"metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Succeeded"}}
+    assert observe_job(job, [ended]).state == "Running"
+    retry = {"metadata": {"name": "q", "creationTimestamp": "2026-01-01T00:01:00Z"}, "status": {"phase": "Pending"}}
+    assert observe_job(job, [ended, retry]).state == "Pending"

@@ -54,6 +54,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -87,6 +88,17 @@ _PASSTHROUGH = {
     "--max-model-len": True,
     "--dtype": True,
 }
+
+
+def shared_adapters_dir(pod_uid: str, create: bool = True) -> Path:
+    """A pod's adapter directory for an agent that runs from its image: under the temp dir, world-traversable."""
+    root = Path(tempfile.gettempdir()) / "kubelora-podrunner"
+    path = root / pod_uid / "adapters"
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+        for parent in (root, path.parent):
+            parent.chmod(0o755)
+    return path
 
 
 def ensure_serving_nodes(env: cluster.DevEnv, count: int = 1, timeout: float = 60.0) -> list[str]:
@@ -536,6 +548,7 @@ class PodRunner:
         if pod is not None:
             self._kill(pod)
             shutil.rmtree(pod.directory / "adapters", ignore_errors=True)
+            shutil.rmtree(shared_adapters_dir(pod.uid, create=False).parent, ignore_errors=True)
             log.info("Stopped pod pod=%s/%s ip=%s", pod.namespace, pod.name, pod.ip)
 
     def _kill(self, pod: RunningPod) -> None:
@@ -666,6 +679,9 @@ class PodRunner:
         lookup = kubelet.Lookup(kube, meta["namespace"], pod["spec"].get("nodeName"))
         env = kubelet.container_env(pod, agent, lookup, kubelet.service_env(kube.host, kube.port))
         argv = kubelet.container_command(agent, image.config, env)
+        # The container runs as the image's user (65532), which cannot traverse a workdir under /root; the
+        # adapters live where every uid can reach them, at the same path on the host and in the container.
+        adapters = shared_adapters_dir(meta["uid"])
         argv = _replace_flag(
             _replace_flag(_replace_flag(argv, "--host", ip), "--port", str(port)), "--dir", str(adapters)
         )

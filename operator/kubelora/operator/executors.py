@@ -73,7 +73,9 @@ def _pod_observation(pods: list[dict[str, Any]]) -> tuple[str, str, str] | None:
             # but the user must see it: "couldn't find key accessKey in Secret team-a/s3-creds".
             detail = waiting.get("message") or waiting["reason"]
             return "Pending", str(waiting["reason"]), f"Container {container.get('name')}: {detail}"
-    if status.get("phase") == "Running":
+    if status.get("phase") in ("Running", "Succeeded", "Failed"):
+        # A pod that has just ended is still the run in progress until the Job controller records
+        # it (Complete, Failed, or a retry); without this the phase would flap back to Pending.
         return "Running", "Running", ""
     return None
 
