@@ -63,9 +63,24 @@ def test_lorajob_trains_in_the_trainer_image_and_status_carries_its_digest(
 ):
     uris = upload(minio_client, bucket, tiny_task)
     apply(kubectl, namespace, lorajob("support", bucket, uris["base"], uris["train"], uris["test"]))
-    done = wait_phase(kubectl, namespace, "support", "Succeeded", "Failed", timeout=900)
+    steps_seen: set[int] = set()
+
+    def finished() -> dict[str, Any] | None:
+        obj = get(kubectl, namespace, "lorajob", "support")
+        status = obj.get("status", {})
+        if status.get("progress", {}).get("step"):
+            steps_seen.add(int(status["progress"]["step"]))
+        return obj if status.get("phase") in ("Succeeded", "Failed") else None
+
+    done = wait_for("the training run to finish", finished, timeout=900, interval=0.5)
     status = done["status"]
     assert status["phase"] == "Succeeded", status
+    # Progress reached status while the pod trained (the trainer reports to S3; no API credentials in the pod).
+    assert len(steps_seen) >= 2, f"progress should be reported while training, saw steps {steps_seen}"
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == 160
+    assert status["gpuSeconds"] > 0 and status["costEstimate"].endswith("USD")
+    events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert {"Training", "Succeeded"} <= {e["reason"] for e in events if e["involvedObject"]["name"] == "support"}
 
     # The digest in status is the sha256 of the manifest the trainer wrote, and every file it lists is there.
     raw = s3_bytes(minio_client, bucket, "adapters/support/kubelora-manifest.json")

@@ -76,7 +76,7 @@ def _pod_observation(pods: list[dict[str, Any]]) -> tuple[str, str, str] | None:
     if status.get("phase") in ("Running", "Succeeded", "Failed"):
         # A pod that has just ended is still the run in progress until the Job controller records
         # it (Complete, Failed, or a retry); without this the phase would flap back to Pending.
-        return "Running", "Running", ""
+        return "Running", "", ""  # the reason is the phase: Training or Evaluating
     return None
 
 
