@@ -625,7 +625,10 @@ def test_standin_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, name
         running = runner.wait_healthy(1, timeout=120)["server"]
         agent = running.procs["agent"]
         assert isinstance(agent, podrunner.ImageProc)
-        assert agent.argv[-6:] == ["--host", running.ip, "--port", "8001", "--dir", str(running.directory / "adapters")]
+        # Adapters live where the image's uid can reach them, at the same path for the host stand-in.
+        adapters = podrunner.shared_adapters_dir(running.uid, create=False)
+        assert agent.argv[-6:] == ["--host", running.ip, "--port", "8001", "--dir", str(adapters)]
+        assert adapters.is_dir()
         response = httpx.get(f"http://{running.ip}:8001/v1/adapters", timeout=10)
         assert response.status_code == 200, response.text
         assert agent.process is not None
@@ -639,6 +642,7 @@ def test_standin_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, name
         wait_for(
             "the agent's container to be gone", lambda: working not in kubelet.ImageStore().containers(), timeout=60
         )
+        wait_for("the pod's adapters to be removed", lambda: not adapters.parent.exists(), timeout=60)
 
 
 def test_init_containers_run_first_and_a_failing_liveness_probe_restarts(runner, kubectl, namespace, base_image):
