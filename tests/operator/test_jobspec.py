@@ -215,3 +215,30 @@ def test_a_pod_that_just_ended_keeps_the_run_in_progress_until_the_job_says_more
     assert observe_job(job, [ended]).state == "Running"
     retry = {"metadata": {"name": "q", "creationTimestamp": "2026-01-01T00:01:00Z"}, "status": {"phase": "Pending"}}
     assert observe_job(job, [ended, retry]).state == "Pending"
+
+
+def test_managed_vllm_pods_get_the_configured_agent_image_and_pull_secrets():
+    from kubelora.api.v1alpha1 import AdapterDeployment
+    from kubelora.operator.adapterdeployments import Settings, managed_deployment
+
+    ad = AdapterDeployment.model_validate(
+        {
+            "metadata": {"name": "support", "namespace": "team-a", "uid": "u-2", "generation": 1},
+            "spec": {
+                "adapter": {"loraJob": "support"},
+                "servedName": "support",
+                "target": {
+                    "baseModel": "tiny",
+                    "managed": {"baseModel": {"uri": "hf://org/tiny"}, "image": "vllm/vllm-openai:v0.11.0"},
+                },
+            },
+        }
+    )
+    config = OperatorConfig(agent_image="registry.example/agent:2.0.0", image_pull_secrets=["regcred"])
+    body = managed_deployment(
+        ad, Settings.from_env(config.agent_image), "u-2", image_pull_secrets=config.image_pull_secrets
+    )
+    pod = body["spec"]["template"]["spec"]
+    agent = next(c for c in pod["containers"] if c["name"] == "kubelora-agent")
+    assert agent["image"] == "registry.example/agent:2.0.0"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
