@@ -100,8 +100,8 @@ def test_tools_need_an_http_go_proxy(proxy: str, monkeypatch: pytest.MonkeyPatch
 
 
 def test_tools_use_the_go_proxy_go_is_configured_with(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GOPROXY", "direct,https://goproxy.example.test/mirror/|off")
-    assert tools.go_proxy() == "https://goproxy.example.test/mirror"
+    monkeypatch.setenv("GOPROXY", "direct,https://go-mirror.example.test/mirror/|off")
+    assert tools.go_proxy() == "https://go-mirror.example.test/mirror"
     monkeypatch.delenv("GOPROXY")
     configured = subprocess.run(
         ["go", "env", "GOPROXY"], capture_output=True, text=True, check=True, env=tools._go_env()

@@ -114,7 +114,7 @@ def go_proxy() -> str:
     raise RuntimeError(
         f"GOPROXY={proxy!r} names no HTTP(S) Go module proxy, and the tool builds need one (the Kubernetes "
         "build reads k8s.io/kubernetes's go.mod from it). Point Go at the module proxy or mirror you use, "
-        "e.g. `go env -w GOPROXY=https://goproxy.example.internal,direct`, or export GOPROXY."
+        "e.g. `go env -w GOPROXY=https://go-mirror.example.internal,direct`, or export GOPROXY."
     )
 
 
