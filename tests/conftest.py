@@ -81,21 +81,23 @@ def kubectl(devenv: cluster.DevEnv) -> Callable[..., subprocess.CompletedProcess
     return kubectl_runner(devenv)
 
 
-@pytest.fixture
-def namespace(devenv: cluster.DevEnv) -> Iterator[str]:
+def scratch_namespace(devenv: cluster.DevEnv) -> Iterator[str]:
+    """A fresh namespace for one test, deleted without waiting afterwards."""
     name = f"t-{uuid.uuid4().hex[:10]}"
     cluster.kubectl(devenv, "create", "namespace", name)
     yield name
     cluster.kubectl(devenv, "delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(devenv: cluster.DevEnv) -> Iterator[str]:
+    yield from scratch_namespace(devenv)
 
 
 @pytest.fixture
 def other_namespace(devenv: cluster.DevEnv) -> Iterator[str]:
     """A second namespace, for a release in one namespace that acts in another (a tenant)."""
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    cluster.kubectl(devenv, "create", "namespace", name)
-    yield name
-    cluster.kubectl(devenv, "delete", "namespace", name, "--wait=false", check=False)
+    yield from scratch_namespace(devenv)
 
 
 @pytest.fixture(scope="session")
