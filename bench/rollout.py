@@ -8,12 +8,15 @@ the bare HTTP work of a rollout with the same concurrency: for every pod, the ag
 (fresh, uncached) adapter of the same size, then vLLM's /v1/load_lora_adapter. ratio = operator / baseline;
 each count is measured --repeat times (default 3, alternating which goes first) and the medians reported.
 
-Fifty stand-ins with torch would need about 35 GiB (about 0.7 GiB each), more than this 24 GiB machine,
-so the pods run podrunner's light fake vLLM (only /health, /v1/models, load and unload; it checks
-adapter_config.json and the rank) in one process with the real kubelora agent. One extra row uses the
-real stand-in (tiny Llama, peft) for a single pod. Requires the dev environment (make dev-up).
+Real vLLM (its CPU build) holds about 3 GB per pod, so 10 or 50 of them do not fit this 24 GiB machine:
+for the 1/10/50-pod rows the pods run podrunner's light fake vLLM (only /health, /v1/models, load and
+unload; it checks adapter_config.json and the rank) in one process with the real kubelora agent. The
+last rows use real vLLM from its image (``localhost/kubelora/vllm-cpu``, ``make images``) with the agent
+from its image, for a single pod: the same rollout figure, and the time from a vLLM container restart
+to the adapter being served again (against the same restart's time to vLLM's /health, the server's own
+startup, as the baseline). Requires the dev environment (make dev-up).
 
-    .venv/bin/python bench/rollout.py [--counts 1,10,50] [--no-standin] > rollout.json
+    .venv/bin/python bench/rollout.py [--counts 1,10,50] [--no-vllm] > rollout.json
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "trainer")]
 
 from kubelora.devenv import cluster, podrunner  # noqa: E402
+from kubelora.serving import vllm  # noqa: E402
 
 GROUP, VERSION = "kubelora.dev", "v1alpha1"
 BASE_MODEL = "kubelora/tiny-llama"
@@ -75,7 +79,7 @@ def publish_synthetic(minio: Any, bucket: str, prefix: str, seed: int) -> tuple[
 
 
 def publish_real(minio: Any, bucket: str, prefix: str, seed: int, model: Path) -> tuple[str, str]:
-    """A real peft LoRA on the tiny model, for the stand-in row."""
+    """A real peft LoRA on the tiny model, for the real vLLM rows."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -96,7 +100,7 @@ def publish_real(minio: Any, bucket: str, prefix: str, seed: int, model: Path) -
     return f"s3://{bucket}/{prefix}/", "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
-def server_deployment(name: str, replicas: int, mode: str) -> dict[str, Any]:
+def server_deployment(name: str, replicas: int, mode: str, images: dict[str, str]) -> dict[str, Any]:
     secret_env = [
         {"name": env, "valueFrom": {"secretKeyRef": {"name": "minio-creds", "key": key}}}
         for env, key in (
@@ -107,6 +111,8 @@ def server_deployment(name: str, replicas: int, mode: str) -> dict[str, Any]:
     ]
     args = ["--model", BASE_MODEL, "--served-model-name", BASE_MODEL, "--port", "8000", "--enable-lora"]
     args += ["--max-loras", "4", "--max-lora-rank", "16"]
+    if mode == "vllm":
+        args += list(vllm.CPU_ARGS)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -122,13 +128,13 @@ def server_deployment(name: str, replicas: int, mode: str) -> dict[str, Any]:
                     "containers": [
                         {
                             "name": "vllm",
-                            "image": "vllm/vllm-openai:v0.11.0",
+                            "image": images.get("vllm-cpu", vllm.VLLM_IMAGE),
                             "args": args,
                             "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}],
                         },
                         {
                             "name": "kubelora-agent",
-                            "image": "ghcr.io/kubelora/agent:0.1.0",
+                            "image": images.get("agent", "ghcr.io/kubelora/agent:0.1.0"),
                             "args": ["--port", "8001"],
                             "env": secret_env,
                         },
@@ -140,7 +146,7 @@ def server_deployment(name: str, replicas: int, mode: str) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, env: cluster.DevEnv, workdir: Path) -> None:
+    def __init__(self, env: cluster.DevEnv, workdir: Path, images: dict[str, str]) -> None:
         from kubernetes import client, config
         from minio import Minio
 
@@ -152,7 +158,8 @@ class Bench:
         self.minio = Minio(env.minio_endpoint, env.minio_access_key, env.minio_secret_key, secure=False)
         self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
         self.operator: subprocess.Popen[bytes] | None = None
-        self.runners: list[podrunner.PodRunner] = []
+        self.runners: dict[str, podrunner.PodRunner] = {}
+        self.images = images
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
         return cluster.kubectl(self.env, *args, input=input).stdout
@@ -173,15 +180,14 @@ class Bench:
         self.minio.make_bucket(self.bucket)
         podrunner.ensure_serving_nodes(self.env, 1)
         env = {k: v for k, v in self.env.env().items() if k != "PATH"}
-        for mode, model in (("fake", None), ("standin", self.workdir / "model")):
+        modes = [("fake", None)] + ([("vllm", self.workdir / "model")] if "vllm-cpu" in self.images else [])
+        for mode, model in modes:
             config = podrunner.RunnerConfig(
                 workdir=self.workdir / f"pods-{mode}", model_dir=model, server=mode, env=env
             )
-            self.runners.append(
-                podrunner.PodRunner(
-                    self.env.kubeconfig, config, self.namespace, [f"{podrunner.POD_LABEL}={mode}"]
-                ).start()
-            )
+            self.runners[mode] = podrunner.PodRunner(
+                self.env.kubeconfig, config, self.namespace, [f"{podrunner.POD_LABEL}={mode}"]
+            ).start()
         self.start_operator()
 
     def start_operator(self) -> None:
@@ -213,7 +219,7 @@ class Bench:
             self.operator.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.operator.wait(timeout=30)
-        for runner in self.runners:
+        for runner in self.runners.values():
             runner.stop()
         cluster.kubectl(self.env, "delete", "namespace", self.namespace, "--wait=false", check=False)
         with contextlib.suppress(Exception):
@@ -223,11 +229,11 @@ class Bench:
         self.api.close()
 
     def pods(self, mode: str, deployment: str) -> list[podrunner.RunningPod]:
-        runner = self.runners[0 if mode == "fake" else 1]
+        runner = self.runners[mode]
         return [p for n, p in runner.running().items() if n.startswith(deployment) and runner.healthy(n)]
 
     def scale(self, mode: str, deployment: str, replicas: int, timeout: float) -> list[podrunner.RunningPod]:
-        self.apply(server_deployment(deployment, replicas, mode))
+        self.apply(server_deployment(deployment, replicas, mode, self.images))
         started = time.monotonic()
         while True:
             pods = self.pods(mode, deployment)
@@ -387,10 +393,57 @@ def measure(
     }
 
 
+def served_root(pod: podrunner.RunningPod, name: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://{pod.ip}:{pod.server_port}/v1/models", timeout=2) as response:
+            cards = json.loads(response.read())["data"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((str(c.get("root") or "") for c in cards if c.get("id") == name), None)
+
+
+def measure_restart(bench: Bench, deployment: str, publish: Any, repeat: int) -> dict[str, Any]:
+    """Kill a serving pod's vLLM container (the API hears nothing, as with an OOM kill) and time vLLM's /health
+    coming back (the baseline: the server's own startup) and the adapter being served again; medians."""
+    name = f"{deployment}-restart"
+    uri, digest = publish(name, seed=4242)
+    bench.rollout(name, deployment, 1, uri, digest, timeout=300)
+    runner = bench.runners["vllm"]
+    pod = bench.pods("vllm", deployment)[0]
+    hex_digest = digest.split(":", 1)[1]
+    runs = []
+    for i in range(repeat):
+        t0 = time.monotonic()
+        runner.restart(pod.name)
+        healthy = serving = None
+        while serving is None and time.monotonic() - t0 < 600:
+            now = time.monotonic() - t0
+            if healthy is None and runner.healthy(pod.name):
+                healthy = now
+            if healthy is not None and (served_root(pod, name) or "").endswith(hex_digest):
+                serving = now
+            time.sleep(0.05)
+        if healthy is None or serving is None:
+            raise TimeoutError(f"{pod.name}: healthy={healthy} serving={serving} after a restart")
+        run = {"healthy": round(healthy, 3), "serving": round(serving, 3)}
+        log("Measured restart", pod=pod.name, run=i, **run)
+        runs.append(run)
+    bench.delete_adapterdeployment(name)
+    serving_s = statistics.median(r["serving"] for r in runs)
+    healthy_s = statistics.median(r["healthy"] for r in runs)
+    return {
+        "restartToServingSeconds": round(serving_s, 3),
+        "restartToHealthySeconds": round(healthy_s, 3),
+        "ratio": round(serving_s / healthy_s, 3),
+        "adapterAfterHealthySeconds": round(serving_s - healthy_s, 3),
+        "runs": runs,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="1,10,50")
-    parser.add_argument("--no-standin", action="store_true", help="Skip the real stand-in row")
+    parser.add_argument("--no-vllm", action="store_true", help="Skip the real vLLM rows")
     parser.add_argument("--repeat", type=int, default=3, help="Runs per pod count; the medians are reported")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
@@ -401,14 +454,18 @@ def main() -> int:
     os.environ.update({k: v for k, v in env.env().items() if k != "PATH"})
     concurrency = int(os.environ.get("KUBELORA_ADAPTER_CONCURRENCY", "16"))
     results: list[dict[str, Any]] = []
-    standin: dict[str, Any] | None = None
+    real: dict[str, Any] | None = None
+    restart: dict[str, Any] | None = None
+    images: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         workdir = Path(tmp)
-        if not args.no_standin:
+        if not args.no_vllm:
+            from kubelora.devenv.images import ensure_images
             from kubelora.trainer.tiny import build_tiny_model
 
             build_tiny_model(workdir / "model")
-        bench = Bench(env, workdir)
+            images = ensure_images(["agent", "vllm-cpu"])
+        bench = Bench(env, workdir, images)
         try:
             bench.setup()
             for count in counts:
@@ -416,11 +473,12 @@ def main() -> int:
                 publish = functools.partial(publish_synthetic, bench.minio, bench.bucket)
                 row = measure(bench, pods, "fake-vllm", publish, args.repeat, concurrency)
                 results.append({"pods": count, "server": "fake-vllm", **row})
-            if not args.no_standin:
-                pods = bench.scale("standin", "standin", 1, timeout=300)
+            if not args.no_vllm:
+                pods = bench.scale("vllm", "vllm", 1, timeout=600)
                 publish = functools.partial(publish_real, bench.minio, bench.bucket, model=workdir / "model")
-                row = measure(bench, pods, "standin", publish, args.repeat, concurrency)
-                standin = {"pods": 1, "server": "kubelora vLLM stand-in (tiny Llama, peft)", **row}
+                row = measure(bench, pods, "vllm", publish, args.repeat, concurrency)
+                real = {"pods": 1, "server": f"vLLM {vllm.VLLM_VERSION} (CPU build, tiny Llama) + agent", **row}
+                restart = {"pods": 1, "server": real["server"], **measure_restart(bench, "vllm", publish, args.repeat)}
         finally:
             bench.teardown()
     report = {
@@ -431,13 +489,15 @@ def main() -> int:
         "a fresh adapter of the same size from MinIO, then vLLM's /v1/load_lora_adapter; same concurrency",
         "server": "podrunner's light fake vLLM (/health, /v1/models, load and unload only; checks adapter_config.json "
         "and the rank) with the real kubelora agent, one process per pod",
-        "why_fake": "50 torch stand-ins need about 35 GiB (about 0.7 GiB each); this machine has 24 GiB and 2 cores",
+        "why_fake": "real vLLM (CPU build) holds about 3 GB per pod; 10 or 50 do not fit this 24 GiB, 2-core machine",
         "adapterBytes": ADAPTER_BYTES,
         "concurrency": concurrency,
         "resyncSeconds": float(os.environ.get("KUBELORA_ADAPTER_RESYNC_SECONDS", "3")),
         "cpus": os.cpu_count(),
         "results": results,
-        "standin": standin,
+        "vllm": real,
+        "restart": restart,
+        "restartBaseline": "the same restart's time to vLLM's /health (the server's own startup); ratio = serving / healthy",
     }
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -56,6 +56,14 @@ def devenv() -> Iterator[cluster.DevEnv]:
 
 
 @pytest.fixture(scope="session")
+def images() -> dict[str, str]:
+    """Every image (operator, agent, trainer, vLLM's CPU build), built from images/ (cached by their inputs)."""
+    from kubelora.devenv.images import ensure_images
+
+    return ensure_images()
+
+
+@pytest.fixture(scope="session")
 def api_client(devenv: cluster.DevEnv) -> Iterator[Any]:
     from kubernetes import config
 

@@ -7,7 +7,7 @@
    trainer container from the trainer image built from images/Dockerfile.trainer. One trains on the
    true labels, one on shuffled labels.
 4. Evaluation against the base model is printed; the shuffled job fails its gate.
-5. vLLM stand-in pods (with the adapter agent) serve the base model; an AdapterDeployment goes
+5. Real vLLM pods (its CPU build, with the adapter agent) serve the base model; an AdapterDeployment goes
    canary → Ready, and the one for the shuffled job is refused.
 6. A completion from the adapter, through the OpenAI client.
 7. A summary of times and metrics.
@@ -33,6 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kubelora.devenv import cluster
+from kubelora.serving import vllm
 
 NAMESPACE = "kubelora-demo"
 BUCKET = "kubelora-demo"
@@ -275,12 +276,18 @@ class Demo:
                 NAMESPACE,
                 "-f",
                 "-",
-                input=yaml.safe_dump(vllm_deployment(uris["base"], agent_image=self.images["agent"])),
+                input=yaml.safe_dump(
+                    vllm_deployment(uris["base"], agent_image=self.images["agent"], vllm_image=self.images["vllm-cpu"])
+                ),
             )
             config = podrunner.RunnerConfig(workdir=self.workdir / "pods", model_dir=self.workdir / "model")
             self.runner = podrunner.PodRunner(self.env.kubeconfig, config, namespace=NAMESPACE).start()
-            self.runner.wait_healthy(3, timeout=300)
-            console.print("Three vLLM stand-in pods are up (kwok pods backed by local processes)")
+            started = time.monotonic()
+            self.runner.wait_healthy(3, timeout=600)
+            console.print(
+                f"Three vLLM pods are up in {time.monotonic() - started:.0f}s: real vLLM (its CPU build) and the "
+                "adapter agent, each from its image, in kwok pods"
+            )
             self.kubectl(
                 "apply",
                 "-n",
@@ -382,11 +389,14 @@ class Demo:
 
 
 def vllm_deployment(
-    base_uri: str, replicas: int = 3, agent_image: str = "ghcr.io/kubelora/agent:0.1.0"
+    base_uri: str,
+    replicas: int = 3,
+    agent_image: str = "ghcr.io/kubelora/agent:0.1.0",
+    vllm_image: str = vllm.VLLM_CPU_IMAGE,
 ) -> dict[str, Any]:
     from kubelora.devenv import podrunner
 
-    labels = {"app": "vllm", podrunner.POD_LABEL: "standin"}
+    labels = {"app": "vllm", podrunner.POD_LABEL: "vllm"}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -402,9 +412,11 @@ def vllm_deployment(
                     "containers": [
                         {
                             "name": "vllm",
-                            "image": "vllm/vllm-openai:v0.11.0",
+                            "image": vllm_image,
                             "args": [
                                 "--model",
+                                base_uri,
+                                "--served-model-name",
                                 base_uri,
                                 "--port",
                                 "8000",
@@ -413,6 +425,7 @@ def vllm_deployment(
                                 "4",
                                 "--max-lora-rank",
                                 "16",
+                                *vllm.CPU_ARGS,
                             ],
                             "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}],
                             "resources": {"limits": {"nvidia.com/gpu": "1"}},

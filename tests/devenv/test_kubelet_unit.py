@@ -176,8 +176,8 @@ def test_label_selectors():
     assert match({"a": "1"}, podrunner.parse_selector("a=1"))
     assert match({"a": "1"}, podrunner.parse_selector(""))
     assert not match({"a": "1"}, podrunner.parse_selector("!a"))
-    assert match({"b": "1"}, podrunner.parse_selector(podrunner.NOT_STANDIN))
-    assert not match({podrunner.POD_LABEL: "standin"}, podrunner.parse_selector(podrunner.NOT_STANDIN))
+    assert match({"b": "1"}, podrunner.parse_selector(podrunner.NOT_SERVING))
+    assert not match({podrunner.POD_LABEL: "vllm"}, podrunner.parse_selector(podrunner.NOT_SERVING))
     assert match({"a": "2"}, podrunner.parse_selector("a!=1,a"))
 
 

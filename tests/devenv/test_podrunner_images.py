@@ -578,8 +578,8 @@ def agent_image() -> str:
     return ref
 
 
-def test_standin_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, namespace, tmp_path, agent_image):
-    """Stand-in mode: the vLLM container is a host process, the agent sidecar runs from the agent image."""
+def test_serving_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, namespace, tmp_path, agent_image):
+    """Serving mode (here with the fake vLLM of the many-pod benches): the agent runs from the agent image."""
     import httpx
 
     podrunner.ensure_serving_nodes(devenv, 1)
@@ -625,7 +625,7 @@ def test_standin_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, name
         running = runner.wait_healthy(1, timeout=120)["server"]
         agent = running.procs["agent"]
         assert isinstance(agent, podrunner.ImageProc)
-        # Adapters live where the image's uid can reach them, at the same path for the host stand-in.
+        # Adapters live where the image's uid can reach them, at the same path on the host and in vLLM.
         adapters = podrunner.shared_adapters_dir(running.uid, create=False)
         assert agent.argv[-6:] == ["--host", running.ip, "--port", "8001", "--dir", str(adapters)]
         assert adapters.is_dir()

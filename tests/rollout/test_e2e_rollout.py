@@ -1,4 +1,4 @@
-"""Rollouts against real stand-ins behind kwok pods: canary, rollback, GitOps swaps, drift repair, delete."""
+"""Rollouts against real vLLM behind kwok pods: canary, rollback, GitOps swaps, drift repair, delete."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.rollout.adapters import MAX_NEW_TOKENS
-from tests.rollout.conftest import REPLICAS, StatusRecorder, ad_manifest, agent_files, condition, served
+from tests.rollout.conftest import API_KEY, REPLICAS, StatusRecorder, ad_manifest, agent_files, condition, served
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def answers(pod, served_name, adapter):
     """What the pod answers to the adapter's eval prompts, through the openai client."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://{pod.ip}:{pod.server_port}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = OpenAI(base_url=f"http://{pod.ip}:{pod.server_port}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     out = []
     for sample in adapter.samples:
         response = client.chat.completions.create(
@@ -83,7 +83,8 @@ def test_failed_smoke_check_rolls_back_and_old_adapter_keeps_serving(rollout_env
     event = env.wait_event(name, "SmokeCheckFailed")
     assert event["type"] == "Warning"
     assert "0/3 answers matched" in event["message"] and "rolled back to" in event["message"], event["message"]
-    assert condition(obj, "Ready")["reason"] == "RolledBack"
+    assert condition(obj, "Ready")["reason"] == "SmokeCheckFailed"
+    assert condition(obj, "Progressing")["reason"] == "RolledBack"
     # The old adapter serves everywhere, and answers as it did.
     wait_for("good-a on every pod", lambda: serves(env, "support-rb", good.digest), timeout=30)
     for pod in env.pods().values():
@@ -125,7 +126,7 @@ def test_restarted_pod_gets_its_adapter_back(rollout_env, adapters, track):
     victim = sorted(env.pods())[1]
     loads_before = env.operator.log().count(f"Loaded adapter pod={victim} ")
     env.runner.restart(victim)  # a container restart: the API hears nothing about it
-    wait_for("the restarted stand-in", lambda: env.runner.healthy(victim), timeout=180)
+    wait_for("the restarted vLLM container", lambda: env.runner.healthy(victim), timeout=180)
     pod = env.pods()[victim]
     wait_for(
         "the adapter back on the restarted pod",

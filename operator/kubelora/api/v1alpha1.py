@@ -32,6 +32,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from kubelora.api.cel import IMMUTABLE_KEY, VALIDATIONS_KEY, Rule, immutable
+from kubelora.serving.vllm import VLLM_IMAGE
 
 __all__ = [
     "ALWAYS_COMPUTED_METRICS",
@@ -195,6 +196,15 @@ class SecretRef(Model):
     """A reference to a Secret in the object's own namespace."""
 
     name: ObjectName = Field(description="Name of a Secret in the object's own namespace")
+
+
+class SecretKeyRef(Model):
+    """A key of a Secret in the object's own namespace."""
+
+    name: ObjectName = Field(description="Name of a Secret in the object's own namespace")
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = Field(
+        default="apiKey", description="The key in the Secret"
+    )
 
 
 class BaseModelSource(Model):
@@ -626,8 +636,14 @@ class ManagedServer(Model):
     """A vLLM server the operator runs for this AdapterDeployment."""
 
     base_model: BaseModelSource = Field(description="The model vLLM serves")
-    image: Annotated[str, Field(min_length=1, max_length=512)] = Field(
-        default="vllm/vllm-openai:latest", description="vLLM server image"
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None,
+        description=f"vLLM server image; unset: the operator's vllmImage (chart default {VLLM_IMAGE})",
+    )
+    args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="More vLLM arguments, after those the operator sets (for example --dtype, --max-model-len)",
     )
     replicas: Annotated[int, Field(ge=1, le=1000)] = Field(default=1, description="Server pods")
     gpus: Annotated[int, Field(ge=0, le=64)] = Field(default=1, description="nvidia.com/gpu per server pod")
@@ -658,6 +674,10 @@ class ServingTarget(Model):
     port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8000, description="vLLM's HTTP port")
     max_loras: Annotated[int, Field(ge=1, le=256)] = Field(default=4, description="vLLM --max-loras")
     max_lora_rank: Annotated[int, Field(ge=1, le=512)] = Field(default=64, description="vLLM --max-lora-rank")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="vLLM's --api-key, sent as a bearer token on every call the operator makes to the servers",
+    )
 
 
 class GatePolicy(Model):

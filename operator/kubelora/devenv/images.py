@@ -51,12 +51,18 @@ from typing import Any
 import yaml
 
 from kubelora.devenv.tools import cache_root
+from kubelora.serving.vllm import VLLM_CPU_IMAGE, VLLM_VERSION
 
 REPO = Path(__file__).resolve().parents[3]
 IMAGES_DIR = REPO / "images"
 CHART = REPO / "helm" / "kubelora" / "Chart.yaml"
 
+#: The images kubelora releases (the chart's defaults, pushed by the release workflow).
 IMAGE_NAMES: tuple[str, ...] = ("operator", "agent", "trainer")
+#: Images only the dev cluster runs, never pushed: vLLM's CPU build for the serving pods (this machine
+#: has no GPU; a GPU cluster runs vllm/vllm-openai at the same version).
+DEV_IMAGE_NAMES: tuple[str, ...] = ("vllm-cpu",)
+ALL_IMAGE_NAMES: tuple[str, ...] = IMAGE_NAMES + DEV_IMAGE_NAMES
 # Where the chart's defaults look for the images (values.yaml image.repository and friends).
 IMAGE_REPOSITORY = "ghcr.io/kubelora"
 BASE_SUITE = "bookworm"
@@ -111,8 +117,10 @@ def app_version() -> str:
 
 
 def image_ref(name: str, version: str | None = None) -> str:
+    if name == "vllm-cpu":
+        return VLLM_CPU_IMAGE
     if name not in IMAGE_NAMES:
-        raise ValueError(f"Unknown image {name!r}; the images are {', '.join(IMAGE_NAMES)}")
+        raise ValueError(f"Unknown image {name!r}; the images are {', '.join(ALL_IMAGE_NAMES)}")
     return f"{IMAGE_REPOSITORY}/{name}:{version or app_version()}"
 
 
@@ -381,7 +389,9 @@ def context_files(name: str) -> list[str]:
     return sorted(found)
 
 
-def build_args(version: str) -> dict[str, str]:
+def build_args(version: str, name: str = "") -> dict[str, str]:
+    if name == "vllm-cpu":
+        return {"BASE_IMAGE": BASE_IMAGE_REF, "VLLM_VERSION": VLLM_VERSION}
     return {"BASE_IMAGE": BASE_IMAGE_REF, "VERSION": version}
 
 
@@ -396,7 +406,7 @@ def inputs_hash(name: str, base_id: str, version: str) -> str:
                 "name": name,
                 "dockerfile": hashlib.sha256(dockerfile(name).read_bytes()).hexdigest(),
                 "dockerignore": hashlib.sha256(ignore.read_bytes()).hexdigest(),
-                "args": build_args(version),
+                "args": build_args(version, name),
                 "base": base_id,
             },
             sort_keys=True,
@@ -549,7 +559,7 @@ def _build_one(name: str, base_id: str, version: str, force: bool) -> ImageResul
             "--tag",
             ref,
         ]
-        for key, value in build_args(version).items():
+        for key, value in build_args(version, name).items():
             cmd += ["--build-arg", f"{key}={value}"]
         for volume in env.volumes:
             cmd += ["--volume", volume]
@@ -568,7 +578,7 @@ def _build_one(name: str, base_id: str, version: str, force: bool) -> ImageResul
     return ImageResult(name, ref, image_id(info), image_size(info), time.monotonic() - started, cached=False)
 
 
-def build_images(names: Iterable[str] = IMAGE_NAMES, *, force: bool = False) -> list[ImageResult]:
+def build_images(names: Iterable[str] = ALL_IMAGE_NAMES, *, force: bool = False) -> list[ImageResult]:
     """Build the base image and the named images where their inputs changed; report each."""
     selected = list(names)
     for name in selected:
@@ -579,7 +589,8 @@ def build_images(names: Iterable[str] = IMAGE_NAMES, *, force: bool = False) -> 
     with _lock():
         base_id = ensure_base(force=force)
         for index, name in enumerate(selected, 1):
-            cold = "a cold build installs torch, several GB" if name == "trainer" else "about a minute cold"
+            heavy = name in ("trainer", "vllm-cpu")
+            cold = "a cold build installs torch, several GB" if heavy else "about a minute cold"
             _say(f"[{index}/{len(selected)}] {image_ref(name, version)}: checking inputs ({cold}) log={log_path(name)}")
             result = _build_one(name, base_id, version, force)
             state = "cached" if result.cached else "built"
@@ -591,7 +602,7 @@ def build_images(names: Iterable[str] = IMAGE_NAMES, *, force: bool = False) -> 
     return results
 
 
-def ensure_images(names: Iterable[str] = IMAGE_NAMES) -> dict[str, str]:
+def ensure_images(names: Iterable[str] = ALL_IMAGE_NAMES) -> dict[str, str]:
     """Local refs of the named images (name -> ref), building those whose inputs changed."""
     return {result.name: result.ref for result in build_images(names)}
 
@@ -599,6 +610,10 @@ def ensure_images(names: Iterable[str] = IMAGE_NAMES) -> dict[str, str]:
 def push_images(registry: str, names: Iterable[str] = IMAGE_NAMES, *, tls_verify: bool = True) -> dict[str, str]:
     """Push the (built) images to ``REGISTRY/kubelora/<name>:<tag>``; returns name -> pushed ref."""
     registry = registry.strip().removeprefix("docker://").rstrip("/")
+    names = list(names)
+    dev_only = [n for n in names if n in DEV_IMAGE_NAMES]
+    if dev_only:
+        raise ValueError(f"{', '.join(dev_only)} is built for this machine only and is not pushed")
     if not registry:
         raise ValueError("No registry given: make push REGISTRY=registry.example:5000")
     pushed = {}
@@ -647,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubelora.devenv.images", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the base image and the images whose inputs changed")
-    build.add_argument("names", nargs="*", default=[], metavar="NAME", help=f"default: {' '.join(IMAGE_NAMES)}")
+    build.add_argument("names", nargs="*", default=[], metavar="NAME", help=f"default: {' '.join(ALL_IMAGE_NAMES)}")
     build.add_argument("--force", action="store_true", help="rebuild everything, the base root filesystem too")
     build.add_argument("--push", metavar="REGISTRY", help="then push to REGISTRY/kubelora/<name>:<tag>")
     push = sub.add_parser("push", help="build if needed, then push to REGISTRY/kubelora/<name>:<tag>")
@@ -660,15 +675,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("refs", help="print the image refs (name<TAB>ref)")
     args = parser.parse_args(argv)
     if args.command == "refs":
-        for name in IMAGE_NAMES:
+        for name in ALL_IMAGE_NAMES:
             print(f"{name}\t{image_ref(name)}")
         return 0
-    names = args.names or list(IMAGE_NAMES)
+    names = args.names or list(ALL_IMAGE_NAMES if args.command == "build" else IMAGE_NAMES)
     try:
         if args.command == "build":
             print(report(build_images(names, force=args.force)), flush=True)
             if args.push:
-                push_images(args.push, names, tls_verify=args.tls_verify)
+                # Dev-only images (vLLM's CPU build) stay on this machine.
+                push_images(args.push, [n for n in names if n in IMAGE_NAMES], tls_verify=args.tls_verify)
         else:
             for name, target in push_images(args.registry, names, tls_verify=args.tls_verify).items():
                 print(f"{name}\t{target}")

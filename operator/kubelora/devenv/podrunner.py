@@ -6,17 +6,19 @@ node's ``spec.podCIDR``; the serving pool made here (:func:`ensure_serving_nodes
 match a label selector and, for each Running pod with an IP, starts local processes bound to that
 IP, playing its containers:
 
-- the container named ``vllm`` (else the first): the vLLM stand-in (``kubelora.serving.standin``)
-  with the container's vLLM flags (``--port``, ``--enable-lora``, ``--max-loras``, ``--max-lora-rank``,
-  ``--max-cpu-loras``, ``--served-model-name``) and its env, but ``--model`` replaced by a local model
-  directory (the pod annotation ``podrunner.kubelora.dev/model`` or the runner's ``model_dir``); or,
-  with ``server="fake"``, a light fake vLLM (only ``/health``, ``/v1/models``,
-  ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``) for benchmarks with many pods;
-- the container named ``kubelora-agent``, if any: the adapter agent (``kubelora.serving.agent``),
-  with its ``--port``, its env (``secretKeyRef`` values are read from the API) and a directory per pod
-  that lives as long as the pod, like an emptyDir. When the container's image is in buildah's local
-  store (``RunnerConfig.agent_from_image``), the agent runs from that image instead (:class:`ImageProc`),
-  bound to the pod IP, with the pod's directory mounted at its host path.
+- the container named ``vllm`` (else the first): with ``server="vllm"`` (the default), real vLLM from
+  the container's image in buildah's local store (the CPU build, ``localhost/kubelora/vllm-cpu``, built
+  by ``make images``), run with the container's own entrypoint, args and env, except ``--host`` (the pod
+  IP) and ``--model`` (a copy of the runner's ``model_dir``, or of the pod annotation
+  ``podrunner.kubelora.dev/model``, mounted read-only at /mnt/podrunner-model); or, with
+  ``server="fake"``, a light fake vLLM (only ``/health``, ``/v1/models``, ``/v1/load_lora_adapter``,
+  ``/v1/unload_lora_adapter``) for benchmarks with more pods than real vLLM fits in memory (about 3 GB
+  each);
+- the container named ``kubelora-agent``: the adapter agent from its image (:class:`ImageProc`), with its
+  env (``secretKeyRef`` values are read from the API), bound to the pod IP, and a directory per pod that
+  lives as long as the pod, like an emptyDir, mounted at its host path in both containers so vLLM loads
+  the paths the agent reports. In fake mode the agent runs in the fake's process unless
+  ``RunnerConfig.agent_from_image`` asks for its image.
 
 Processes that exit are restarted with a backoff, as a kubelet restarts containers; processes of a
 deleted pod are killed. :meth:`PodRunner.restart` kills and restarts a pod's server (a container
@@ -24,7 +26,7 @@ restart) without telling the API anything. Use it from tests, or for the demo::
 
     python -m kubelora.devenv.podrunner run --model DIR --namespace demo
 
-**Image mode** (``RunnerConfig(images=True)``, ``run --images``): instead of stand-in processes, the
+**Image mode** (``RunnerConfig(images=True)``, ``run --images``): instead of the serving modes above, the
 runner plays a kubelet that runs every container of the pods it claims from its image in buildah's
 local store (:mod:`kubelora.devenv.kubelet`), and writes their status back as a kubelet does. Pods are
 claimed by label selector, or by the node they are scheduled to (``nodes``: names; ``node_selectors``:
@@ -47,6 +49,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -73,26 +76,20 @@ SERVER_CONTAINER = "vllm"
 AGENT_CONTAINER = "kubelora-agent"  # kubelora.serving.agent.AGENT_CONTAINER, without importing aiohttp here
 DEFAULT_AGENT_PORT = 8001
 #: The serving pool: fake GPU nodes whose pods get 127.1.<node>.x addresses.
-SERVING_POOL = cluster.GPUPool("standin", 1, 8, "KWOK-Standin-CPU", 24576, "cpu", pod_cidr_base="127.1.{index}.0/24")
+SERVING_POOL = cluster.GPUPool("serving", 1, 8, "KWOK-Serving-CPU", 24576, "cpu", pod_cidr_base="127.1.{index}.0/24")
 #: What a pod needs to land on the serving pool.
 NODE_SELECTOR = {"kubelora.dev/pool": SERVING_POOL.name}
 TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 _SOURCE_ROOTS = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[3] / "trainer")]
-# vLLM flags passed through to the stand-in: flag -> takes a value
-_PASSTHROUGH = {
-    "--enable-lora": False,
-    "--max-loras": True,
-    "--max-lora-rank": True,
-    "--max-cpu-loras": True,
-    "--served-model-name": True,
-    "--max-model-len": True,
-    "--dtype": True,
-}
+
+
+#: Where containers from images (uid 65532) share files with each other: world-traversable.
+SHARED_ROOT = Path(tempfile.gettempdir()) / "kubelora-podrunner"
 
 
 def shared_adapters_dir(pod_uid: str, create: bool = True) -> Path:
     """A pod's adapter directory for an agent that runs from its image: under the temp dir, world-traversable."""
-    root = Path(tempfile.gettempdir()) / "kubelora-podrunner"
+    root = SHARED_ROOT
     path = root / pod_uid / "adapters"
     if create:
         path.mkdir(parents=True, exist_ok=True)
@@ -168,34 +165,15 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
-def server_flags(args: Sequence[str]) -> list[str]:
-    """The vLLM flags of a container's args that the stand-in understands (``--model``, host, port dropped)."""
-    out: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        name, eq, inline = arg.partition("=")
-        if name in _PASSTHROUGH:
-            if not _PASSTHROUGH[name]:
-                out.append(name)
-            elif eq:
-                out += [name, inline]
-            elif i + 1 < len(args):
-                out += [name, args[i + 1]]
-                i += 1
-        i += 1
-    return out
-
-
-#: Image mode's default claim: every pod of the namespace but those a stand-in PodRunner plays.
-NOT_STANDIN = f"!{POD_LABEL}"
+#: Image mode's default claim: every pod of the namespace but those a serving-mode PodRunner plays.
+NOT_SERVING = f"!{POD_LABEL}"
 
 
 def image_runner(
     env: cluster.DevEnv,
     workdir: Path,
     namespace: str | Sequence[str] | None = None,
-    selectors: Iterable[str] | None = (NOT_STANDIN,),
+    selectors: Iterable[str] | None = (NOT_SERVING,),
     nodes: Iterable[str] = (),
     node_selectors: Iterable[str] = (),
     max_runtime: float | None = 1800.0,
@@ -203,7 +181,7 @@ def image_runner(
 ) -> PodRunner:
     """A PodRunner in image mode (not started): it plays the kubelet for the pods it claims, running their
     containers from local images. By default it claims every pod of ``namespace`` that is not labelled
-    :data:`POD_LABEL` (those belong to stand-in runners); ``selectors=None`` claims every pod there;
+    :data:`POD_LABEL` (those belong to serving-mode runners); ``selectors=None`` claims every pod there;
     ``nodes``/``node_selectors`` also claim the pods scheduled to those nodes."""
     config = RunnerConfig(workdir=workdir, images=True, max_runtime=max_runtime, grace_cap=grace_cap)
     claim = [""] if selectors is None else list(selectors)
@@ -275,11 +253,10 @@ class Proc:
 class RunnerConfig:
     workdir: Path
     model_dir: Path | None = None
-    server: str = "standin"  # standin | fake
+    server: str = "vllm"  # vllm (real vLLM from the container's image) | fake (benchmarks with many pods)
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     python: str = sys.executable
-    torch_threads: int = 1
-    #: Image mode: run pods' containers from their images (kubelora.devenv.kubelet) instead of stand-ins.
+    #: Image mode: play a kubelet for every container of the claimed pods (kubelora.devenv.kubelet).
     images: bool = False
     #: Image mode: the longest a container may run when its pod has no activeDeadlineSeconds (None: no bound).
     max_runtime: float | None = 1800.0
@@ -340,7 +317,7 @@ class PodRunner:
         self._threads: list[threading.Thread] = []
         self._node_labels: dict[str, tuple[float, dict[str, str]]] = {}
         config.workdir.mkdir(parents=True, exist_ok=True)
-        self._image_store: kubelet.ImageStore | None = None  # stand-in mode's agent from its image
+        self._image_store: kubelet.ImageStore | None = None  # serving mode's containers from their images
         self._token = ""
         self.kubelet: kubelet.ImageKubelet | None = None
         if config.images:
@@ -625,29 +602,19 @@ class PodRunner:
                     f"http://{ip}:{agent_port}/health",
                     parent=procs["server"],
                 )
-        else:
+        elif self.config.server == "vllm":
+            if agent is None:
+                raise ValueError(f"pod {namespace}/{name} has no {AGENT_CONTAINER} container")
             model = annotations.get(MODEL_ANNOTATION) or (str(self.config.model_dir) if self.config.model_dir else None)
             if not model:
                 raise ValueError(f"no model directory: set RunnerConfig.model_dir or the {MODEL_ANNOTATION} annotation")
-            command = [python, "-m", "kubelora.serving.standin", "--model", model, "--host", ip]
-            command += ["--port", str(server_port), "--torch-threads", str(self.config.torch_threads)]
-            command += server_flags(server_args)
-            procs["server"] = Proc(
-                "server", command, server_env, directory / "server.log", f"http://{ip}:{server_port}/health"
-            )
-            agent_image = self._agent_image(agent) if agent is not None else None
-            if agent is not None and agent_image is not None:
-                procs["agent"] = self._agent_from_image(pod, agent, agent_image, adapters, agent_port or 0)
-            elif agent is not None:
-                agent_command = [python, "-m", "kubelora.serving.agent", "--host", ip, "--port", str(agent_port)]
-                agent_command += ["--dir", str(adapters)]
-                procs["agent"] = Proc(
-                    "agent",
-                    agent_command,
-                    {**env, **self._container_env(namespace, agent)},
-                    directory / "agent.log",
-                    f"http://{ip}:{agent_port}/health",
-                )
+            procs["server"] = self._vllm_from_image(pod, server, Path(model), server_port)
+            agent_image = self._agent_image(agent)
+            if agent_image is None:
+                raise ValueError(f"agent image {agent.get('image')} is not in buildah's local store: make images")
+            procs["agent"] = self._agent_from_image(pod, agent, agent_image, adapters, agent_port or 0)
+        else:
+            raise ValueError(f"unknown server mode {self.config.server!r}: vllm or fake")
         for proc in procs.values():
             proc.start()
         log.info("Started pod pod=%s/%s ip=%s server=%s agent=%s", namespace, name, ip, self.config.server, agent_port)
@@ -671,36 +638,61 @@ class PodRunner:
         self, pod: dict[str, Any], agent: dict[str, Any], image: kubelet.Image, adapters: Path, port: int
     ) -> ImageProc:
         """The agent container from its image, as a kubelet runs it (env, user, command), except that it binds
-        the pod IP and keeps adapters in the pod's host directory, mounted at the same path, so the stand-in
-        (a host process) can load the paths the agent reports."""
+        the pod IP and keeps adapters in the pod's host directory, mounted at the same path, so the server
+        (a host process, or vLLM from its image with the same mount) can load the paths the agent reports."""
+        # The container runs as the image's user (65532), which cannot traverse a workdir under /root; the
+        # adapters live where every uid can reach them, at the same path on the host and in the container.
+        adapters = shared_adapters_dir(pod["metadata"]["uid"])
+        adapters.chmod(0o777)
+        flags = {"--host": pod["status"]["podIP"], "--port": str(port), "--dir": str(adapters)}
+        return self._from_image(pod, agent, image, "agent", flags, [(adapters, str(adapters), False)], port)
+
+    def _vllm_from_image(self, pod: dict[str, Any], server: dict[str, Any], model: Path, port: int) -> ImageProc:
+        """vLLM from the server container's image, with its entrypoint, args and env, bound to the pod IP, serving
+        ``model`` (mounted read-only at /mnt/podrunner-model) and reading adapters from the agent's directory."""
+        image = self._store().resolve(str(server.get("image", "")))
+        if image is None:
+            raise ValueError(f"vLLM image {server.get('image')} is not in buildah's local store: make images")
+        adapters = shared_adapters_dir(pod["metadata"]["uid"])
+        adapters.chmod(0o777)
+        model_copy = _readable_model(model)
+        flags = {"--host": pod["status"]["podIP"], "--port": str(port), "--model": "/mnt/podrunner-model"}
+        mounts = [(adapters, str(adapters), True), (model_copy, "/mnt/podrunner-model", True)]
+        return self._from_image(pod, server, image, "server", flags, mounts, port)
+
+    def _from_image(
+        self,
+        pod: dict[str, Any],
+        container: dict[str, Any],
+        image: kubelet.Image,
+        role: str,
+        flags: dict[str, str],
+        mounts: list[tuple[Path, str, bool]],
+        port: int,
+    ) -> ImageProc:
         meta = pod["metadata"]
         ip = pod["status"]["podIP"]
         kube = kubelet.Kube(self.api_client)
         lookup = kubelet.Lookup(kube, meta["namespace"], pod["spec"].get("nodeName"))
-        env = kubelet.container_env(pod, agent, lookup, kubelet.service_env(kube.host, kube.port))
-        argv = kubelet.container_command(agent, image.config, env)
-        # The container runs as the image's user (65532), which cannot traverse a workdir under /root; the
-        # adapters live where every uid can reach them, at the same path on the host and in the container.
-        adapters = shared_adapters_dir(meta["uid"])
-        argv = _replace_flag(
-            _replace_flag(_replace_flag(argv, "--host", ip), "--port", str(port)), "--dir", str(adapters)
-        )
-        adapters.chmod(0o777)
-        name = kubelet.container_name(self._token, meta["namespace"], meta["name"], agent["name"], meta["uid"])
+        env = kubelet.container_env(pod, container, lookup, kubelet.service_env(kube.host, kube.port))
+        argv = kubelet.container_command(container, image.config, env)
+        for flag, value in flags.items():
+            argv = _replace_flag(argv, flag, value)
+        name = kubelet.container_name(self._token, meta["namespace"], meta["name"], container["name"], meta["uid"])
         return ImageProc(
-            "agent",
+            role,
             [],
             env,
-            adapters.parent / "agent.log",
+            shared_adapters_dir(meta["uid"]).parent / f"{role}.log",
             f"http://{ip}:{port}/health",
             store=self._store(),
             image=image,
             working=name,
             argv=argv,
-            user=kubelet.container_user(pod, agent, image.config),
-            workdir=agent.get("workingDir") or image.config.get("WorkingDir") or "/",
+            user=kubelet.container_user(pod, container, image.config),
+            workdir=container.get("workingDir") or image.config.get("WorkingDir") or "/",
             hostname=meta["name"][:63],
-            mounts=[(adapters, str(adapters), False)],
+            mounts=mounts,
         )
 
     def _supervise_loop(self) -> None:
@@ -755,7 +747,7 @@ class _HealthOnly(Proc):
 
 @dataclasses.dataclass
 class ImageProc(Proc):
-    """A container run from its image with buildah (stand-in mode's agent sidecar); restarts recreate it."""
+    """A container run from its image with buildah (serving mode: vLLM, the agent); restarts recreate it."""
 
     store: kubelet.ImageStore | None = None
     image: kubelet.Image | None = None
@@ -795,6 +787,27 @@ class ImageProc(Proc):
         Proc.stop(self, sig, timeout)
         if self.store is not None:
             self.store.remove(self.working)
+
+
+def _readable_model(model: Path) -> Path:
+    """A copy of ``model`` that any uid can read (the vLLM image runs as 65532; pytest's and the demo's
+    temporary directories are root's alone), kept by content under the runner's shared directory."""
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(model)}\0{path.stat().st_size}\0{path.stat().st_mtime_ns}\0".encode())
+    target = SHARED_ROOT / "models" / digest.hexdigest()[:16]
+    if not target.is_dir():
+        staging = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(model, staging)
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        with contextlib.suppress(OSError):
+            staging.rename(target)  # another runner may have made the same copy first
+        shutil.rmtree(staging, ignore_errors=True)
+    target.parent.chmod(0o755)
+    return target
 
 
 def _replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -901,7 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubelora.devenv.podrunner", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="Run matching pods of the dev cluster until interrupted")
-    run.add_argument("--model", type=Path, help="Local model directory for the stand-in")
+    run.add_argument("--model", type=Path, help="Local model directory vLLM serves (serving mode)")
     run.add_argument(
         "--namespace", action="append", default=None, help="Only this namespace; repeat for more (default: all)"
     )
@@ -910,9 +923,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=None,
         help=f"Pod label selector, a=b,c,!d; repeat for more (default {POD_LABEL}; with --images, every pod but "
-        f"those, {NOT_STANDIN}, or none with --node/--node-selector)",
+        f"those, {NOT_SERVING}, or none with --node/--node-selector)",
     )
-    run.add_argument("--server", choices=("standin", "fake"), default="standin")
+    run.add_argument("--server", choices=("vllm", "fake"), default="vllm")
     run.add_argument("--workdir", type=Path, default=cluster.state_dir() / "podrunner")
     run.add_argument("--nodes", type=int, default=1, help="Serving-pool nodes to create")
     image = run.add_argument_group("image mode: run containers from their images with buildah, as a kubelet")
@@ -976,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.selector is not None:
         selectors = args.selector
     elif args.images:
-        selectors = [] if by_node else [NOT_STANDIN]
+        selectors = [] if by_node else [NOT_SERVING]
     else:
         selectors = [POD_LABEL]
     runner = PodRunner(

@@ -48,6 +48,7 @@ from kubelora.api.v1alpha1 import (
 from kubelora.operator.conditions import get_condition, set_condition
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.lorajobs import Event
+from kubelora.serving import vllm
 
 log = logging.getLogger("kubelora.adapterdeployment")
 
@@ -568,6 +569,7 @@ class Pod:
     port: int
     agent_port: int
     blocked: str | None = None  # why the operator will not contact it
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # vLLM's --api-key (spec.target)
 
     @property
     def server(self) -> str:
@@ -620,6 +622,16 @@ async def target_pods(runtime: Runtime, ad: AdapterDeployment) -> tuple[list[Pod
         selector = ",".join(f"{k}={v}" for k, v in sorted(target.selector.items()))
     else:
         selector = f"{MANAGED_LABEL}={ad.metadata.name}"
+    api_key = None
+    if target.api_key_secret_ref is not None:
+        ref = target.api_key_secret_ref
+        secret = await runtime.to_thread(runtime.kube.get_secret, namespace, ref.name)
+        if secret is None or not secret.get(ref.key):
+            what = f"Secret {namespace}/{ref.name}" + (
+                " does not exist" if secret is None else f" has no key {ref.key}"
+            )
+            return [], f"{what} (spec.target.apiKeySecretRef)"
+        api_key = secret[ref.key]
     raw = await runtime.to_thread(runtime.kube.list_pods, namespace, selector)
     pods = []
     for item in raw:
@@ -635,7 +647,9 @@ async def target_pods(runtime: Runtime, ad: AdapterDeployment) -> tuple[list[Pod
         networks = runtime.settings.allowed_pod_networks
         if networks and not any(ipaddress.ip_address(ip) in net for net in networks):
             blocked = f"pod IP {ip} is outside KUBELORA_POD_CIDRS"
-        pods.append(Pod(item["metadata"]["name"], item["metadata"]["uid"], ip, target.port, agent_port, blocked))
+        pods.append(
+            Pod(item["metadata"]["name"], item["metadata"]["uid"], ip, target.port, agent_port, blocked, api_key)
+        )
     pods.sort(key=lambda p: p.name)
     if not pods:
         return [], f"No Ready pods match {selector}"
@@ -643,10 +657,17 @@ async def target_pods(runtime: Runtime, ad: AdapterDeployment) -> tuple[list[Pod
 
 
 class PodError(Exception):
-    def __init__(self, kind: Literal["unreachable", "agent", "load", "unload", "generate"], message: str) -> None:
+    def __init__(
+        self,
+        kind: Literal["unreachable", "agent", "load", "unload", "generate"],
+        message: str,
+        refusal: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        # vLLM refused the adapter itself (DoRA, a rank above --max-lora-rank, ...): retrying cannot help
+        self.refusal = refusal
 
 
 def _error_text(body: str) -> str:
@@ -669,12 +690,16 @@ class PodClient:
         self.http = http
         self.settings = settings
 
-    async def _request(self, kind: Any, method: str, url: str, timeout: float, body: Any = None) -> tuple[int, str]:
+    async def _request(
+        self, kind: Any, method: str, url: str, timeout: float, body: Any = None, pod: Pod | None = None
+    ) -> tuple[int, str]:
+        """One HTTP call; ``pod`` given: a call to its vLLM, with its API key as a bearer token."""
         import aiohttp
 
+        headers = {"Authorization": f"Bearer {pod.api_key}"} if pod is not None and pod.api_key else None
         try:
             async with self.http.request(
-                method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5)
+                method, url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5)
             ) as response:
                 return response.status, await response.text()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -687,8 +712,13 @@ class PodClient:
     async def models(self, pod: Pod) -> dict[str, str]:
         """Served model id -> root (the adapter path for adapters)."""
         status, text = await self._request(
-            "unreachable", "GET", f"{pod.server}/v1/models", self.settings.probe_timeout_seconds
+            "unreachable", "GET", f"{pod.server}/v1/models", self.settings.probe_timeout_seconds, pod=pod
         )
+        if status == 401:
+            why = "it does not accept the key in" if pod.api_key else "it wants an API key: set"
+            raise PodError(
+                "unreachable", f"vLLM /v1/models answered 401 Unauthorized: {why} spec.target.apiKeySecretRef"
+            )
         if status != 200:
             raise PodError("unreachable", f"vLLM /v1/models answered {status}: {_error_text(text)}")
         try:
@@ -719,14 +749,18 @@ class PodClient:
     async def load(self, pod: Pod, name: str, path: str, replace: bool) -> None:
         body = {"lora_name": name, "lora_path": path, "load_inplace": replace}
         url = f"{pod.server}/v1/load_lora_adapter"
-        status, text = await self._request("load", "POST", url, self.settings.load_timeout_seconds, body)
+        status, text = await self._request("load", "POST", url, self.settings.load_timeout_seconds, body, pod)
         if status == 400 and replace and "already been loaded" in text:
             # a vLLM without load_inplace: swap by unload + load
             await self.unload(pod, name)
             body["load_inplace"] = False
-            status, text = await self._request("load", "POST", url, self.settings.load_timeout_seconds, body)
+            status, text = await self._request("load", "POST", url, self.settings.load_timeout_seconds, body, pod)
         if status != 200:
-            raise PodError("load", f"vLLM could not load the adapter ({status}): {_error_text(text)}")
+            message = _error_text(text)
+            refusal = None if status == 401 else vllm.load_refusal(status, message)
+            if refusal:
+                raise PodError("load", f"vLLM refused the adapter ({status}): {refusal}", refusal=refusal)
+            raise PodError("load", f"vLLM could not load the adapter ({status}): {message}")
 
     async def unload(self, pod: Pod, name: str) -> bool:
         status, text = await self._request(
@@ -735,6 +769,7 @@ class PodClient:
             f"{pod.server}/v1/unload_lora_adapter",
             self.settings.load_timeout_seconds,
             {"lora_name": name},
+            pod,
         )
         if status == 404:
             return False
@@ -751,7 +786,7 @@ class PodClient:
         else:
             url, body = f"{pod.server}/v1/completions", {"model": model, "prompt": str(sample.get("prompt") or "")}
         body.update(max_tokens=max_tokens, temperature=0)
-        status, text = await self._request("generate", "POST", url, self.settings.generate_timeout_seconds, body)
+        status, text = await self._request("generate", "POST", url, self.settings.generate_timeout_seconds, body, pod)
         if status != 200:
             raise PodError("generate", f"{url.rsplit('/v1/', 1)[-1]} answered {status}: {_error_text(text)}")
         choice = json.loads(text)["choices"][0]
@@ -786,6 +821,7 @@ class PodResult:
     message: str | None = None
     attempts: int = 0
     fatal: bool = False  # a load error (not an unreachable pod): counts toward failing a rollout
+    refusal: str | None = None  # vLLM refused the adapter itself: fails a rollout at once
 
     def replica(self) -> ReplicaState:
         return ReplicaState(
@@ -820,7 +856,7 @@ async def converge_pod(
             track.attempts,
             error.message,
         )
-        return PodResult(pod, "Failed", target or current, error.message, track.attempts, fatal)
+        return PodResult(pod, "Failed", target or current, error.message, track.attempts, fatal, error.refusal)
 
     if pod.blocked:
         return PodResult(pod, "Failed", target, pod.blocked, 0, False)
@@ -968,11 +1004,14 @@ def managed_deployment(
     default_s3_endpoint: str | None = None,
     s3_secure: bool = False,
     image_pull_secrets: Sequence[str] = (),
+    vllm_image: str = vllm.VLLM_IMAGE,
 ) -> dict[str, Any]:
     """The vLLM Deployment the operator runs for ``spec.target.managed``: vLLM plus the agent sidecar.
 
     The agent reads adapters with the Secret ``secret_name`` (spec.adapter.secretRef, or the LoRAJob's
     spec.output.secretRef); a Secret without an ``endpoint`` key falls back to the operator's defaultS3Endpoint.
+    The image is spec.target.managed.image, else the operator's ``vllm_image``; the operator passes only args,
+    so the image's own entrypoint starts the server.
     """
     target = ad.spec.target
     managed = target.managed
@@ -1016,7 +1055,12 @@ def managed_deployment(
         str(target.max_lora_rank),
         "--max-cpu-loras",
         str(max(target.max_loras, 2 * target.max_loras)),
+        *managed.args,
     ]
+    if target.api_key_secret_ref is not None:
+        # vLLM reads --api-key from VLLM_API_KEY; /health stays open for the probes.
+        ref = target.api_key_secret_ref
+        env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
 
     def secret_env(secret: str, names: Mapping[str, str]) -> list[dict[str, Any]]:
         return [
@@ -1047,7 +1091,7 @@ def managed_deployment(
     probe = {"httpGet": {"path": "/health", "port": target.port}, "periodSeconds": 10, "timeoutSeconds": 5}
     vllm = {
         "name": "vllm",
-        "image": managed.image,
+        "image": managed.image or vllm_image,
         "args": args,
         "env": env,
         "ports": [{"name": "http", "containerPort": target.port}],
@@ -1331,6 +1375,7 @@ class Pass:
             default_s3_endpoint=runtime.config.default_s3_endpoint,
             s3_secure=runtime.config.s3_secure,
             image_pull_secrets=runtime.config.image_pull_secrets,
+            vllm_image=runtime.config.vllm_image,
         )
         namespace = self.ad.metadata.namespace or "default"
         try:
@@ -1405,6 +1450,13 @@ class Pass:
             self.status["message"] = f"Rollout waiting: {target_problem or 'no Ready pods'}"
             self.condition("Ready", False, "NoReadyPods", self.status["message"])
             return await self.check_deadline()
+        refused = [results[p.name] for p in targets if results[p.name].refusal]
+        if refused:
+            first = refused[0]
+            return self.fail(
+                "AdapterRejected",
+                f"vLLM on pod {first.pod.name} refused {short_digest(active.digest)}: {first.refusal}",
+            )
         broken = [
             results[p.name]
             for p in targets
@@ -1488,8 +1540,9 @@ class Pass:
                 f"rolled back to {short_digest(previous.digest)}" if previous else "unloaded it (no previous adapter)"
             )
             text = f"Rollout of {short_digest(failed.digest)} failed ({reason}): {message}; {restored}"
+            # Progressing says what happened, Ready says why: the failure's own reason.
             self.condition("Progressing", False, "RolledBack", text)
-            self.condition("Ready", False, "RolledBack", text)
+            self.condition("Ready", False, reason, text)
             self.status["message"] = text
             self.event("Warning", reason, text)
             log.warning(

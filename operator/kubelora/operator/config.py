@@ -9,6 +9,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from kubelora.serving.vllm import VLLM_IMAGE
+
 # On-demand list prices, USD per GPU-hour; platform teams override them in the chart's values.
 DEFAULT_GPU_PRICES = {
     "NVIDIA-A100-SXM4-80GB": 3.67,
@@ -34,6 +36,8 @@ class OperatorConfig(BaseModel):
     shm_size_per_gpu: str = "16Gi"
     trainer_uid: int = 65532  # the trainer image's user (images/Dockerfile.trainer)
     agent_image: str = "ghcr.io/kubelora/agent:0.1.0"
+    # Managed vLLM servers' image when an AdapterDeployment names none: one pinned version fleet-wide.
+    vllm_image: str = VLLM_IMAGE
     # Pull Secrets (names, in each tenant namespace) for the trainer Jobs and managed vLLM pods.
     image_pull_secrets: list[str] = Field(default_factory=list)
 
