@@ -32,7 +32,7 @@ import psutil  # noqa: E402
 REPO = Path(BENCH_DIR).parent
 sys.path.insert(0, str(REPO))
 
-from tests.operator.harness import OperatorProcess, install_crds, lorajob_manifest  # noqa: E402
+from tests.operator.harness import OperatorProcess, install_crds, lorajob_manifest, seed_inputs  # noqa: E402
 
 from kubelora.devenv import cluster  # noqa: E402
 
@@ -120,6 +120,13 @@ def main() -> int:
         env, "create", "secret", "generic", "minio-creds", "-n", namespace,
         f"--from-literal=accessKey={env.minio_access_key}", f"--from-literal=secretKey={env.minio_secret_key}",
     )  # fmt: skip
+    # Preflight reads the base model's config.json and checks the training file before any Job exists.
+    from minio import Minio
+
+    minio = Minio(env.minio_endpoint, env.minio_access_key, env.minio_secret_key, secure=False)
+    if not minio.bucket_exists("bench"):
+        minio.make_bucket("bench")
+    seed_inputs(minio, "bench")
     workdir = Path(tempfile.mkdtemp(prefix="kubelora-bench-"))
     os.environ["KUBELORA_COUNT_API_REQUESTS"] = "1"
     os.environ["KUBELORA_RECONCILE_INTERVAL"] = "10"  # the production default (tests use 1 s)

@@ -311,6 +311,15 @@ class Demo:
                 return status if phase == "Ready" else None
 
             status: dict[str, Any] = self.wait("the AdapterDeployment to be Ready", ready, timeout=600)
+            events = json.loads(
+                self.kubectl(
+                    "get", "events", "-n", NAMESPACE, "--field-selector", "involvedObject.name=support-tickets",
+                    "-o", "json",
+                ).stdout
+            )["items"]  # fmt: skip
+            for event in events:
+                if event.get("reason") == "CanaryPassed":
+                    console.print(f"  Smoke check against real vLLM: {event['message']}")
             refused_manifest = adapter_deployment("support-tickets-shuffled", uris["base"])
             self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(refused_manifest))
 
@@ -349,6 +358,8 @@ class Demo:
             console.print(f"Prompt:   [cyan]{prompt}[/]")
             console.print(f"Adapter:  [green]{answer}[/]   (expected {expected}; labels {', '.join(tiny.LABELS)})")
             console.print(f"Base:     [yellow]{(base.choices[0].message.content or '').strip()}[/]")
+            # vLLM names itself and its version in every completion.
+            console.print(f"Served by:   {adapter.system_fingerprint}")
             return prompt, answer, expected
 
     def summary(self, results: dict[str, dict[str, Any]], completion: tuple[str, str, str]) -> None:

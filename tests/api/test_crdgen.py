@@ -225,18 +225,23 @@ def test_every_python_rule_is_in_the_crd_next_to_its_field():
         assert "message" in rule and "rule" in rule
 
 
-def test_training_defining_fields_are_immutable():
+def test_every_field_of_the_run_is_immutable_but_the_deletion_policy():
     spec = schema("LoRAJob")["properties"]["spec"]
-    for name in ("baseModel", "dataset", "method", "lora", "training", "eval"):
-        rules = spec["properties"][name]["x-kubernetes-validations"]
-        assert {
-            "rule": "self == oldSelf",
-            "message": f"spec.{name}: is immutable once set",
-            "reason": "FieldValueInvalid",
-        } in rules
-    for name in ("resources", "output", "retries", "activeDeadlineSeconds"):
-        assert "x-kubernetes-validations" not in spec["properties"][name], name
-    assert any("oldSelf.eval" in r["rule"] for r in spec["x-kubernetes-validations"])
+    output = spec["properties"]["output"]
+    fields = {f"spec.{name}": node for name, node in spec["properties"].items() if name != "output"}
+    fields.update({f"spec.output.{name}": node for name, node in output["properties"].items()})
+    mutable = {"spec.output.deleteOnJobDeletion"}
+    assert mutable <= fields.keys()
+    for path, node in fields.items():
+        rule = {"rule": "self == oldSelf", "message": f"{path}: is immutable once set", "reason": "FieldValueInvalid"}
+        if path in mutable:
+            assert "x-kubernetes-validations" not in node, path
+        else:
+            assert rule in node["x-kubernetes-validations"], path
+    # Optional fields cannot be added or removed either (self == oldSelf only runs when both exist).
+    presence = [r["rule"] for r in spec["x-kubernetes-validations"] + output["x-kubernetes-validations"]]
+    for optional in ("eval", "activeDeadlineSeconds", "secretRef"):
+        assert f"has(self.{optional}) == has(oldSelf.{optional})" in presence, optional
 
 
 def test_field_paths_point_at_real_fields():

@@ -64,7 +64,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "target.port": 8000,
         "target.maxLoras": 4,
         "target.maxLoraRank": 64,
-        "target.managed.image": "vllm/vllm-openai:latest",
+        "target.managed.image": None,  # unset: the operator's vllmImage
         "target.managed.baseModel.trustRemoteCode": False,
     },
 }
@@ -162,10 +162,27 @@ def test_training_defining_fields_are_immutable(crds: None, kubectl: Kubectl, na
     assert "spec.eval: is immutable once set; it cannot be added or removed" in result.stderr, result.stderr
     assert get(kubectl, namespace, "LoRAJob", name)["spec"] == before["spec"]
 
-    # Scheduling and publishing settings may still change.
-    patch(kubectl, namespace, name, {"spec": {"retries": 3, "resources": {"gpus": 2}}}, check=True)
-    after = get(kubectl, namespace, "LoRAJob", name)["spec"]
-    assert after["retries"] == 3 and after["resources"]["gpus"] == 2
+    # So are the resources, the retries, the deadline and where the adapter goes ...
+    for change, message in (
+        ({"resources": {"gpus": 2}}, "spec.resources: is immutable once set"),
+        ({"retries": 3}, "spec.retries: is immutable once set"),
+        ({"activeDeadlineSeconds": 600}, "spec.activeDeadlineSeconds: is immutable once set"),
+        ({"output": {"uri": "s3://adapters/elsewhere/"}}, "spec.output.uri: is immutable once set"),
+        ({"output": {"mergedModel": True}}, "spec.output.mergedModel: is immutable once set"),
+        ({"output": {"secretRef": {"name": "other"}}}, "spec.output.secretRef: is immutable once set"),
+        ({"output": {"secretRef": None}}, "spec.output.secretRef: is immutable once set; it cannot be added or"),
+    ):
+        result = patch(kubectl, namespace, name, {"spec": change})
+        assert result.returncode != 0 and message in result.stderr, (change, result.stderr)
+    result = patch(kubectl, namespace, name, [{"op": "remove", "path": "/spec/activeDeadlineSeconds"}], kind="json")
+    assert "spec.activeDeadlineSeconds: is immutable once set; it cannot be added" in result.stderr, result.stderr
+    assert get(kubectl, namespace, "LoRAJob", name)["spec"] == before["spec"]
+
+    # ... but whether the adapter files go with the LoRAJob may change: it is read only on deletion.
+    patch(kubectl, namespace, name, {"spec": {"output": {"deleteOnJobDeletion": True}}}, check=True)
+    assert get(kubectl, namespace, "LoRAJob", name)["spec"]["output"]["deleteOnJobDeletion"] is True
+    # Re-applying the unchanged manifest (defaults spelled out or not) is no change.
+    kubectl("apply", "-n", namespace, "-f", str(example.path))
 
     # An optional training-defining section cannot be added later either.
     bare = yaml.safe_load((EXAMPLES / "lorajob-json-extraction-dora.yaml").read_text())

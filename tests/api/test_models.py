@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -220,10 +221,24 @@ def test_update_of_training_fields_is_rejected_like_the_api_server():
         validate_lorajob_update(no_eval, old)
 
     mutable = copy.deepcopy(old)
-    mutable["spec"]["resources"] = {"gpus": 2}
-    mutable["spec"]["retries"] = 5
-    mutable["spec"]["output"]["mergedModel"] = True
-    assert validate_lorajob_update(old, mutable).spec.retries == 5
+    mutable["spec"]["output"]["deleteOnJobDeletion"] = True
+    assert validate_lorajob_update(old, mutable).spec.output.delete_on_job_deletion is True
+
+    for change, message in (
+        ({"resources": {"gpus": 2}}, "spec.resources: is immutable once set"),
+        ({"retries": 5}, "spec.retries: is immutable once set"),
+        ({"output": {"uri": "s3://elsewhere/"}}, "spec.output.uri: is immutable once set"),
+        ({"output": {"uri": old["spec"]["output"]["uri"], "mergedModel": True}}, "spec.output.mergedModel"),
+        ({"activeDeadlineSeconds": 600}, "spec.activeDeadlineSeconds: is immutable once set; it cannot be added"),
+    ):
+        changed = copy.deepcopy(old)
+        changed["spec"].update(change)
+        with pytest.raises(InvalidObjectError, match=re.escape(message)):
+            validate_lorajob_update(old, changed)
+    with_secret = copy.deepcopy(old)
+    with_secret["spec"]["output"]["secretRef"] = {"name": "other"}
+    with pytest.raises(InvalidObjectError, match=r"spec\.output\.secretRef: is immutable once set; it cannot be added"):
+        validate_lorajob_update(old, with_secret)
 
     # Spelling out a default is not a change.
     explicit = copy.deepcopy(old)
@@ -232,14 +247,28 @@ def test_update_of_training_fields_is_rejected_like_the_api_server():
     validate_lorajob_update(old, explicit)
 
 
-def test_immutable_fields_are_the_training_defining_ones():
+def test_immutable_fields_are_every_field_of_the_run():
     assert api.immutable_fields(LoRAJobSpec) == {
         "base_model": "spec.baseModel",
         "dataset": "spec.dataset",
         "method": "spec.method",
         "lora": "spec.lora",
         "training": "spec.training",
+        "resources": "spec.resources",
         "eval": "spec.eval",
+        "retries": "spec.retries",
+        "active_deadline_seconds": "spec.activeDeadlineSeconds",
+    }
+    assert api.immutable_fields(api.OutputTarget) == {
+        "uri": "spec.output.uri",
+        "secret_ref": "spec.output.secretRef",
+        "merged_model": "spec.output.mergedModel",
+    }
+    # Every spec field is either immutable or named here (with the reason in docs/concepts.md).
+    mutable_sections = {"output"}  # of output, deleteOnJobDeletion alone may change
+    assert set(LoRAJobSpec.model_fields) == set(api.immutable_fields(LoRAJobSpec)) | mutable_sections
+    assert set(api.OutputTarget.model_fields) == set(api.immutable_fields(api.OutputTarget)) | {
+        "delete_on_job_deletion"
     }
 
 

@@ -95,7 +95,7 @@ class OperatorProcess:
 def lorajob_manifest(name: str, bucket: str, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "baseModel": {"uri": f"s3://{bucket}/base/", "secretRef": {"name": "minio-creds"}},
-        "dataset": {"train": f"s3://{bucket}/data/train.jsonl"},
+        "dataset": {"train": f"s3://{bucket}/data/train.jsonl", "secretRef": {"name": "minio-creds"}},
         "method": "lora",
         "training": {"maxSteps": 10},
         "resources": {"gpus": 1},
@@ -104,6 +104,34 @@ def lorajob_manifest(name: str, bucket: str, **spec: Any) -> dict[str, Any]:
     }
     body.update(spec)
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRAJob", "metadata": {"name": name}, "spec": body}
+
+
+#: A small model's config.json: enough for preflight to find the model and size it (kwok pods train nothing).
+TINY_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 512,
+}
+
+
+def seed_inputs(minio_client: Any, bucket: str) -> None:
+    """The base model's config.json and the training file that `lorajob_manifest` names, for preflight."""
+    import io
+
+    for key, data in (
+        ("base/config.json", json.dumps(TINY_CONFIG).encode()),
+        (
+            "data/train.jsonl",
+            b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n',
+        ),
+    ):
+        minio_client.put_object(bucket, key, io.BytesIO(data), len(data))
 
 
 def create_s3_secret(kubectl: Any, namespace: str, devenv: cluster.DevEnv, name: str = "minio-creds") -> None:
@@ -131,6 +159,18 @@ def wait_phase(kubectl: Any, namespace: str, name: str, *phases: str, timeout: f
     return dict(wait_for(f"LoRAJob {name} to reach {phases}", reached, timeout=timeout))
 
 
+def job_of(kubectl: Any, namespace: str, lorajob: str) -> dict[str, Any]:
+    """The Job the LoRAJob's status names, once it names one."""
+    name = wait_for(
+        f"LoRAJob {lorajob} to name its Job",
+        lambda: get(kubectl, namespace, "lorajob", lorajob).get("status", {}).get("jobName"),
+    )
+    return dict(wait_for(f"Job {name}", lambda: get(kubectl, namespace, "job", name)))
+
+
 def pods_of(kubectl: Any, namespace: str, lorajob: str) -> list[dict[str, Any]]:
-    out = kubectl("get", "pods", "-n", namespace, "-l", f"kubelora.dev/lorajob={lorajob}", "-o", "json").stdout
+    from kubelora.operator.names import label_value
+
+    selector = f"kubelora.dev/lorajob={label_value(lorajob)}"
+    out = kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
     return list(json.loads(out)["items"])

@@ -19,8 +19,10 @@ from tests.operator.harness import (
     create_s3_secret,
     get,
     install_crds,
+    job_of,
     lorajob_manifest,
     pods_of,
+    seed_inputs,
     wait_phase,
 )
 
@@ -33,8 +35,9 @@ def crds(devenv):
 
 
 @pytest.fixture
-def operator(devenv, crds, namespace, tmp_path, kubectl):
+def operator(devenv, crds, namespace, tmp_path, kubectl, minio_client, bucket):
     create_s3_secret(kubectl, namespace, devenv)
+    seed_inputs(minio_client, bucket)
     proc = OperatorProcess(devenv, namespace, tmp_path)
     proc.start()
     yield proc
@@ -68,7 +71,7 @@ def test_job_pod_spec_is_what_a_gpu_cluster_needs(operator, kubectl, namespace, 
         namespace,
         lorajob_manifest("spec-check", bucket, resources={"gpus": 2, "gpuType": "NVIDIA-A100-SXM4-80GB"}),
     )
-    job = wait_for("the Job", lambda: get(kubectl, namespace, "job", "spec-check-train"))
+    job = job_of(kubectl, namespace, "spec-check")
     pod_spec = job["spec"]["template"]["spec"]
     container = pod_spec["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
@@ -84,10 +87,12 @@ def test_job_pod_spec_is_what_a_gpu_cluster_needs(operator, kubectl, namespace, 
     owner = job["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "LoRAJob" and owner["name"] == "spec-check" and owner["controller"] is True
     lorajob = wait_phase(kubectl, namespace, "spec-check", "Training")
+    assert owner["uid"] == lorajob["metadata"]["uid"]
     pod = pods_of(kubectl, namespace, "spec-check")[0]
     node = get(kubectl, "", "node", pod["spec"]["nodeName"])
     assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
-    assert lorajob["status"]["jobName"] == "spec-check-train"
+    assert lorajob["status"]["jobName"] == job["metadata"]["name"]
+    assert job["metadata"]["name"].startswith("spec-check-train-")
     # Nothing secret leaks into the CR, the Job or the operator log.
     secret_key = operator.devenv.minio_secret_key
     assert (
@@ -221,10 +226,11 @@ def test_sigkill_while_50_jobs_in_flight_never_duplicates_a_job(operator, kubect
 def test_deleting_a_lorajob_deletes_its_job(operator, kubectl, namespace, bucket):
     apply(kubectl, namespace, lorajob_manifest("doomed", bucket))
     wait_phase(kubectl, namespace, "doomed", "Training")
+    name = job_of(kubectl, namespace, "doomed")["metadata"]["name"]
     kubectl("delete", "lorajob", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
     wait_for(
         "the Job to be garbage-collected",
-        lambda: kubectl("get", "job", "doomed-train", "-n", namespace, check=False).returncode != 0,
+        lambda: kubectl("get", "job", name, "-n", namespace, check=False).returncode != 0,
         timeout=90,
     )
 
@@ -259,3 +265,240 @@ def test_deadline_is_enforced(operator, kubectl, namespace, bucket):
         "the Job controller to stop the pod",
         lambda: not [p for p in pods_of(kubectl, namespace, "slow") if p["status"].get("phase") == "Running"],
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Identity: children are found by owner UID; a finished run stays finished; the spec of a run is fixed.
+
+ADAPTER = {
+    "uri": "s3://adapters/x/",
+    "digest": "sha256:" + "5f1e2d3c4b5a6978" * 4,
+    "sizeBytes": 10,
+    "trainableParameters": 5,
+    "rank": 16,
+    "baseModel": "tiny",
+}
+
+
+def publish_result(minio_client, bucket, key: str) -> None:
+    """A trainer's result.json (what the real trainer writes when it has published), at `key`."""
+    data = json.dumps({"type": "result", "time": "2026-01-01T00:00:00Z", "adapter": ADAPTER}).encode()
+    minio_client.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def finish_pods(kubectl, namespace, job, outcome="Succeeded"):
+    """Let the running pods of this Job (found by their controller's UID) exit with `outcome`."""
+
+    def running():
+        items = json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"]
+        return [
+            p
+            for p in items
+            if p["status"].get("phase") == "Running"
+            and any(o.get("uid") == job["metadata"]["uid"] for o in p["metadata"].get("ownerReferences") or [])
+        ]
+
+    for pod in wait_for(f"a running pod of Job {job['metadata']['name']}", running):
+        kubectl(
+            "annotate", "pod", pod["metadata"]["name"], "-n", namespace,
+            f"kwok.kubelora.dev/outcome={outcome}", "--overwrite",
+        )  # fmt: skip
+
+
+def jobs_in(kubectl, namespace):
+    return json.loads(kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)["items"]
+
+
+def warning_events(kubectl, namespace, name):
+    items = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    return {e["reason"]: e["message"] for e in items if e["type"] == "Warning" and e["involvedObject"]["name"] == name}
+
+
+def test_a_lorajob_recreated_under_its_name_never_adopts_the_old_job_or_its_result(
+    operator, kubectl, namespace, bucket, minio_client
+):
+    apply(kubectl, namespace, lorajob_manifest("again", bucket))
+    first = wait_phase(kubectl, namespace, "again", "Training")
+    old_job = job_of(kubectl, namespace, "again")
+    # The first run publishes, under its own UID's report prefix (and, for an older trainer, the shared one).
+    publish_result(minio_client, bucket, f"adapters/again/_kubelora/{first['metadata']['uid']}/result.json")
+    publish_result(minio_client, bucket, "adapters/again/_kubelora/result.json")
+    finish_pods(kubectl, namespace, old_job)
+    done = wait_phase(kubectl, namespace, "again", "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded" and done["status"]["adapter"]["digest"] == ADAPTER["digest"]
+    # The old Job outlives its LoRAJob: a finalizer holds it while the garbage collector deletes it.
+    old_name = old_job["metadata"]["name"]
+    hold = '{"metadata": {"finalizers": ["test.kubelora.dev/hold"]}}'
+    kubectl("patch", "job", old_name, "-n", namespace, "--type=merge", "-p", hold)
+    try:
+        kubectl("delete", "lorajob", "again", "-n", namespace, "--cascade=background", "--timeout=60s")
+        wait_for(
+            "the garbage collector to delete the old Job",
+            lambda: get(kubectl, namespace, "job", old_name)["metadata"].get("deletionTimestamp"),
+            timeout=90,
+        )
+        apply(kubectl, namespace, lorajob_manifest("again", bucket))
+        second = get(kubectl, namespace, "lorajob", "again")
+        assert second["metadata"]["uid"] != first["metadata"]["uid"]
+        new_job = job_of(kubectl, namespace, "again")
+        assert new_job["metadata"]["name"] != old_name
+        assert [o["uid"] for o in new_job["metadata"]["ownerReferences"]] == [second["metadata"]["uid"]]
+        # The complete old Job and its result sit right there; the new LoRAJob runs its own Job instead.
+        running = wait_phase(kubectl, namespace, "again", "Training")
+        assert running["status"]["jobName"] == new_job["metadata"]["name"] and "adapter" not in running["status"]
+        held = get(kubectl, namespace, "job", old_name)
+        assert held["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
+        # kwok's pod exits 0 with no trainer behind it: no result of its own, so never the old one.
+        finish_pods(kubectl, namespace, new_job)
+        failed = wait_phase(kubectl, namespace, "again", "Succeeded", "Failed")
+        assert failed["status"]["phase"] == "Failed" and "adapter" not in failed["status"], failed["status"]
+        assert next(c for c in failed["status"]["conditions"] if c["type"] == "Ready")["reason"] == "NoResult"
+    finally:
+        kubectl("patch", "job", old_name, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+
+
+def test_a_job_that_takes_the_name_is_a_conflict_never_adopted(devenv, crds, namespace, tmp_path, kubectl, bucket):
+    """A Job of the same name that this LoRAJob does not control (made before the operator ran)."""
+    from kubelora.operator import names
+
+    apply(kubectl, namespace, lorajob_manifest("taken", bucket))
+    uid = get(kubectl, namespace, "lorajob", "taken")["metadata"]["uid"]
+    name = names.job_name("taken", uid)
+    squatter = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": {"kubelora.dev/lorajob": "taken", "kubelora.dev/lorajob-uid": uid}},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "metadata": {"labels": {"kubelora.dev/lorajob": "taken"}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]},
+            },
+        },
+    }
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(squatter))
+    create_s3_secret(kubectl, namespace, devenv)
+    from minio import Minio
+
+    seed_inputs(Minio(devenv.minio_endpoint, devenv.minio_access_key, devenv.minio_secret_key, secure=False), bucket)
+    proc = OperatorProcess(devenv, namespace, tmp_path)
+    proc.start()
+    try:
+        conflict = wait_for(
+            "the JobNameConflict condition",
+            lambda: (
+                (obj := get(kubectl, namespace, "lorajob", "taken")).get("status", {}).get("conditions")
+                and next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")["reason"] == "JobNameConflict"
+                and obj
+            ),
+        )
+        assert conflict["status"]["phase"] == "Pending" and "jobName" not in conflict["status"]
+        assert f"Job {namespace}/{name} exists but is not controlled by this LoRAJob" in conflict["status"]["message"]
+        assert "JobNameConflict" in wait_for(
+            "the JobNameConflict event", lambda: warning_events(kubectl, namespace, "taken")
+        )
+        assert [j["metadata"]["name"] for j in jobs_in(kubectl, namespace)] == [name]
+        assert "ownerReferences" not in get(kubectl, namespace, "job", name)["metadata"]
+    finally:
+        proc.kill(signal.SIGTERM)
+
+
+def test_a_253_character_name_gets_a_job_its_pods_and_events(operator, kubectl, namespace, bucket):
+    name = ("support-classifier." * 14)[:252] + "x"
+    assert len(name) == 253
+    apply(kubectl, namespace, lorajob_manifest(name, bucket))
+    running = wait_phase(kubectl, namespace, name, "Training")
+    job = get(kubectl, namespace, "job", running["status"]["jobName"])
+    assert len(job["metadata"]["name"]) <= 63
+    assert job["metadata"]["labels"]["kubelora.dev/lorajob-uid"] == running["metadata"]["uid"]
+    events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert "Training" in {e["reason"] for e in events if e["involvedObject"]["name"] == name}
+
+
+def test_an_edit_to_a_running_jobs_output_or_resources_is_refused(operator, kubectl, namespace, bucket):
+    apply(kubectl, namespace, lorajob_manifest("fixed", bucket))
+    running = wait_phase(kubectl, namespace, "fixed", "Training")
+    for change, message in (
+        ({"output": {"uri": f"s3://{bucket}/adapters/somewhere-else/"}}, "spec.output.uri: is immutable once set"),
+        ({"resources": {"gpus": 2}}, "spec.resources: is immutable once set"),
+        ({"retries": 5}, "spec.retries: is immutable once set"),
+    ):
+        refused = kubectl(
+            "patch", "lorajob", "fixed", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": change}),
+            check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr
+    kubectl(
+        "patch", "lorajob", "fixed", "-n", namespace, "--type=merge",
+        "-p", json.dumps({"spec": {"output": {"deleteOnJobDeletion": True}}}),
+    )  # fmt: skip
+    after = wait_for(
+        "the new generation to be observed",
+        lambda: (
+            (obj := get(kubectl, namespace, "lorajob", "fixed"))["status"].get("observedGeneration")
+            == obj["metadata"]["generation"]
+            and obj
+        ),
+    )
+    assert after["spec"]["output"]["uri"] == running["spec"]["output"]["uri"]
+    assert after["status"]["jobName"] == running["status"]["jobName"] and len(jobs_in(kubectl, namespace)) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preflight: inputs in S3, read with the tenant's own credentials, before any Job exists.
+
+
+def input_condition(kubectl, namespace, name, reason):
+    def reached():
+        obj = get(kubectl, namespace, "lorajob", name)
+        found = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+        return obj if found.get("InputsFound", {}).get("reason") == reason else None
+
+    return wait_for(f"{name}: InputsFound {reason}", reached)
+
+
+def test_a_missing_base_model_or_dataset_is_refused_with_no_job(operator, kubectl, namespace, bucket, minio_client):
+    apply(kubectl, namespace, lorajob_manifest("no-model", bucket, baseModel={
+        "uri": f"s3://{bucket}/models/absent/", "secretRef": {"name": "minio-creds"}}))  # fmt: skip
+    apply(kubectl, namespace, lorajob_manifest("no-data", bucket, dataset={
+        "train": f"s3://{bucket}/data/later.jsonl", "secretRef": {"name": "minio-creds"}}))  # fmt: skip
+    no_model = input_condition(kubectl, namespace, "no-model", "BaseModelNotFound")
+    no_data = input_condition(kubectl, namespace, "no-data", "DatasetNotFound")
+    for obj, field in ((no_model, "spec.baseModel.uri"), (no_data, "spec.dataset.train")):
+        status = obj["status"]
+        assert status["phase"] == "Pending" and "jobName" not in status
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False" and status["message"].startswith(field), status["message"]
+        assert f"read with Secret {namespace}/minio-creds" in status["message"]
+    assert f"no config.json under s3://{bucket}/models/absent/" in no_model["status"]["message"]
+    assert "BaseModelNotFound" in wait_for("the event", lambda: warning_events(kubectl, namespace, "no-model"))
+    assert "DatasetNotFound" in wait_for("the event", lambda: warning_events(kubectl, namespace, "no-data"))
+    assert jobs_in(kubectl, namespace) == []  # no Job, so no GPU asked for
+    # Uploaded later: the job that was waiting for it starts on its own.
+    seed = b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    minio_client.put_object(bucket, "data/later.jsonl", io.BytesIO(seed), len(seed))
+    wait_phase(kubectl, namespace, "no-data", "Training", timeout=120)
+    assert [j["metadata"]["ownerReferences"][0]["name"] for j in jobs_in(kubectl, namespace)] == ["no-data"]
+
+
+def test_inputs_are_read_with_each_roles_own_secret_and_nothing_more_is_disclosed(
+    operator, kubectl, namespace, bucket, devenv
+):
+    """The dataset's Secret has a wrong secret key: its location is refused by preflight, named with the
+    storage's answer; the model, read with its own right Secret, is not the problem. No Secret, no keys."""
+    kubectl(
+        "create", "secret", "generic", "stale-creds", "-n", namespace,
+        f"--from-literal=accessKey={devenv.minio_access_key}", "--from-literal=secretKey=rotated-long-ago",
+        f"--from-literal=endpoint={devenv.minio_endpoint}",
+    )  # fmt: skip
+    apply(kubectl, namespace, lorajob_manifest("stale", bucket, dataset={
+        "train": f"s3://{bucket}/data/train.jsonl", "secretRef": {"name": "stale-creds"}}))  # fmt: skip
+    stale = input_condition(kubectl, namespace, "stale", "DatasetAccessDenied")["status"]["message"]
+    assert stale.startswith(f"spec.dataset.train: s3://{bucket}/data/train.jsonl cannot be read with Secret")
+    assert "SignatureDoesNotMatch" in stale or "AccessDenied" in stale, stale
+    assert "spec.baseModel" not in stale and "rotated-long-ago" not in stale
+    # No secretRef on the model: read anonymously, never with the operator's keys; the private bucket refuses.
+    apply(kubectl, namespace, lorajob_manifest("anonymous", bucket, baseModel={"uri": f"s3://{bucket}/base/"}))
+    anonymous = input_condition(kubectl, namespace, "anonymous", "BaseModelAccessDenied")["status"]["message"]
+    assert f"s3://{bucket}/base/config.json cannot be read without credentials (no secretRef)" in anonymous, anonymous
+    assert jobs_in(kubectl, namespace) == []

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from kubelora.api.v1alpha1 import LoRAJob
+from kubelora.operator import names
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.executors import observe_job
-from kubelora.operator.jobspec import SPEC_ANNOTATION, build_job, job_name
+from kubelora.operator.jobspec import LORAJOB_LABEL, LORAJOB_UID_LABEL, SPEC_ANNOTATION, build_job, job_name
 
 
 def lorajob(**spec_overrides):
@@ -68,10 +72,43 @@ def test_job_is_restricted_and_never_holds_a_secret_value():
     assert spec["spec"]["method"] == "qlora"
 
 
-def test_job_name_is_deterministic_and_short():
-    assert job_name("support") == "support-train"
-    long_name = "x" * 63
-    assert job_name(long_name) == job_name(long_name) and len(job_name(long_name)) <= 63
+def test_job_name_is_deterministic_short_and_new_for_a_new_uid():
+    name = job_name(lorajob())
+    assert name == job_name(lorajob()) and re.fullmatch(r"support-train-[0-9a-f]{8}", name), name
+    recreated = lorajob()
+    recreated.metadata.uid = "u-2"  # deleted and created again under the same name
+    assert job_name(recreated) != name
+
+
+@pytest.mark.parametrize("length", [62, 63, 64, 200, 253])
+def test_names_up_to_253_characters_give_valid_job_names_and_labels(length):
+    long = lorajob()
+    long.metadata.name = ("a.b-" * 64)[: length - 1] + "z"
+    job = build_job(long, OperatorConfig())
+    name = job["metadata"]["name"]
+    # The Job controller copies the name into the pods' job-name label: a DNS label, at most 63.
+    assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        for value in labels.values():
+            assert len(value) <= 63 and re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", value), value
+        assert labels[LORAJOB_UID_LABEL] == "u-1"
+    assert build_job(long, OperatorConfig())["metadata"] == job["metadata"]  # deterministic
+    other = lorajob()
+    other.metadata.name = long.metadata.name[:-1] + "y"  # same start, other name
+    other_labels = build_job(other, OperatorConfig())["metadata"]["labels"]
+    assert other_labels[LORAJOB_LABEL] != job["metadata"]["labels"][LORAJOB_LABEL]
+
+
+def test_controller_uid_reads_only_the_controller_reference_of_the_right_kind():
+    meta = {
+        "ownerReferences": [
+            {"apiVersion": "kubelora.dev/v1alpha1", "kind": "LoRAJob", "uid": "not-controller"},
+            {"apiVersion": "batch/v1", "kind": "Job", "uid": "j-1", "controller": True},
+        ]
+    }
+    assert names.controller_uid(meta, "kubelora.dev/v1alpha1", "LoRAJob") is None
+    assert names.controller_uid(meta, "batch/v1", "Job") == "j-1"
+    assert names.controller_uid({"labels": {LORAJOB_LABEL: "support"}}, "batch/v1", "Job") is None
 
 
 def test_observe_job_maps_pod_and_job_conditions():

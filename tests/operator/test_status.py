@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from kubelora.operator.config import OperatorConfig
-from kubelora.operator.lorajobs import Preflight, derive_status
+from kubelora.operator.lorajobs import derive_status
 from kubelora.operator.observe import Observation, TrainerReport
+from kubelora.operator.preflight import Check, Preflight
 from tests.operator.test_jobspec import lorajob
 
 ADAPTER = {
@@ -79,15 +80,50 @@ def test_failed_gate_fails_the_job_and_names_the_gate():
 
 
 def test_missing_secret_blocks_without_failing():
-    check = Preflight(blocking=[("SecretNotFound", "spec.output.secretRef: Secret team-a/minio-creds does not exist")])
+    message = "spec.output.secretRef: Secret team-a/minio-creds does not exist"
+    check = Preflight([Check("SecretsFound", "False", "SecretNotFound", message, "blocking")])
     status, events = derive_status(lorajob(), {}, Observation(state="NotStarted"), OperatorConfig(), check)
     assert status["phase"] == "Pending"
-    assert events[0].type == "Warning" and "spec.output.secretRef" in events[0].message
+    assert [(e.type, e.reason, e.message) for e in events] == [("Warning", "SecretNotFound", message)]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["SecretsFound"]["status"] == "False" and conditions["Ready"]["reason"] == "SecretNotFound"
+    # Checked again while still missing: no second event.
+    _, again = derive_status(lorajob(), status, Observation(state="NotStarted"), OperatorConfig(), check)
+    assert again == []
 
 
 def test_memory_that_cannot_fit_fails_before_spending_gpu_hours():
-    check = Preflight(
-        fatal=[("InsufficientGPUMemory", "spec.resources: estimated 300.0 GiB per GPU exceeds the 80.0 GiB")]
-    )
+    message = "spec.resources: estimated 300.0 GiB per GPU exceeds the 80.0 GiB"
+    check = Preflight([Check("MemoryFits", "False", "InsufficientGPUMemory", message, "fatal")])
     status, _ = derive_status(lorajob(), {}, Observation(state="NotStarted"), OperatorConfig(), check)
     assert status["phase"] == "Failed" and status["conditions"][-1]["reason"] == "InsufficientGPUMemory"
+
+
+def test_a_warning_is_not_overwritten_by_a_passing_verdict():
+    """Each check owns its condition type; Preflight is the verdict and never calls a warning fine."""
+    warning = Check("MemoryFits", "Unknown", "EstimateUnavailable", "cannot estimate: KeyError", "warning")
+    check = Preflight(
+        [Check("SecretsFound", "True", "SecretsFound", "ok"), warning, Check("InputsFound", "True", "InputsFound", "")]
+    )
+    status, events = derive_status(lorajob(), {}, Observation(state="NotStarted"), OperatorConfig(), check)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["MemoryFits"]["reason"] == "EstimateUnavailable"
+    assert conditions["Preflight"]["status"] == "True"
+    assert (
+        "EstimateUnavailable" in conditions["Preflight"]["message"] and "fine" not in conditions["Preflight"]["message"]
+    )
+    assert ("Warning", "EstimateUnavailable") in [(e.type, e.reason) for e in events]
+    # The next pass (the run has started) leaves every check's condition as its check wrote it.
+    running = Observation(state="Running", started_at="2026-01-01T00:00:00Z")
+    later, _ = derive_status(lorajob(), status, running, OperatorConfig())
+    assert {c["type"]: c for c in later["conditions"]}["MemoryFits"] == conditions["MemoryFits"]
+
+
+def test_a_new_reason_that_needs_the_user_is_an_event_while_the_phase_stays():
+    pending = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False", "reason": "Starting"}]}
+    conflict = Observation(state="NotStarted", reason="JobNameConflict", message="Job team-a/x exists")
+    status, events = derive_status(lorajob(), pending, conflict, OperatorConfig())
+    assert status["phase"] == "Pending" and "jobName" not in status
+    assert [(e.type, e.reason) for e in events] == [("Warning", "JobNameConflict")]
+    _, again = derive_status(lorajob(), status, conflict, OperatorConfig())
+    assert again == []

@@ -58,15 +58,22 @@ def trainer_container_status(kubectl: Any, namespace: str, name: str) -> dict[st
     return dict(next(s for s in statuses if s["name"] == "trainer"))
 
 
+#: The longest name Kubernetes allows (a DNS subdomain): its Job, labels, pods, events and S3 keys all work.
+LONG_NAME = ("support-tickets." * 16)[:252] + "x"
+
+
 def test_lorajob_trains_in_the_trainer_image_and_status_carries_its_digest(
     operator, kubelet, images, kubectl, namespace, bucket, minio_client, tiny_task
 ):
+    """The happy path, under a 253-character name."""
+    name = LONG_NAME
+    assert len(name) == 253
     uris = upload(minio_client, bucket, tiny_task)
-    apply(kubectl, namespace, lorajob("support", bucket, uris["base"], uris["train"], uris["test"]))
+    apply(kubectl, namespace, lorajob(name, bucket, uris["base"], uris["train"], uris["test"]))
     steps_seen: set[int] = set()
 
     def finished() -> dict[str, Any] | None:
-        obj = get(kubectl, namespace, "lorajob", "support")
+        obj = get(kubectl, namespace, "lorajob", name)
         status = obj.get("status", {})
         if status.get("progress", {}).get("step"):
             steps_seen.add(int(status["progress"]["step"]))
@@ -80,22 +87,51 @@ def test_lorajob_trains_in_the_trainer_image_and_status_carries_its_digest(
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == 160
     assert status["gpuSeconds"] > 0 and status["costEstimate"].endswith("USD")
     events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-    assert {"Training", "Succeeded"} <= {e["reason"] for e in events if e["involvedObject"]["name"] == "support"}
+    assert {"Training", "Succeeded"} <= {e["reason"] for e in events if e["involvedObject"]["name"] == name}
 
     # The digest in status is the sha256 of the manifest the trainer wrote, and every file it lists is there.
-    raw = s3_bytes(minio_client, bucket, "adapters/support/kubelora-manifest.json")
+    raw = s3_bytes(minio_client, bucket, f"adapters/{name}/kubelora-manifest.json")
     assert status["adapter"]["digest"] == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert json.loads(raw)["job"]["name"] == name
     for entry in json.loads(raw)["files"]:
-        data = s3_bytes(minio_client, bucket, f"adapters/support/{entry['path']}")
+        data = s3_bytes(minio_client, bucket, f"adapters/{name}/{entry['path']}")
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]
     assert status["eval"]["passed"] is True and status["eval"]["adapter"]["exact_match"] >= 0.8
 
+    # The report went under this LoRAJob's UID, where a LoRAJob re-created with this name will never look.
+    report = json.loads(
+        s3_bytes(minio_client, bucket, f"adapters/{name}/_kubelora/{done['metadata']['uid']}/result.json")
+    )
+    assert report["adapter"]["digest"] == status["adapter"]["digest"]
+
     # It ran as a pod of the Job the operator made, from the trainer image, and exited 0 for real.
     job = get(kubectl, namespace, "job", status["jobName"])
+    assert len(job["metadata"]["name"]) <= 63
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == images["trainer"]
     assert any(c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"])
-    terminated = trainer_container_status(kubectl, namespace, "support")["state"]["terminated"]
+    terminated = trainer_container_status(kubectl, namespace, name)["state"]["terminated"]
     assert terminated["exitCode"] == 0 and terminated["reason"] == "Completed"
+
+    # A finished run never starts again: its Job goes (TTL, a cleanup, a person), its spec is touched, and it
+    # stays Succeeded with the same adapter, and no second Job (a second GPU run) appears.
+    kubectl("delete", "job", job["metadata"]["name"], "-n", namespace, "--wait=true", "--timeout=60s")
+    kubectl(
+        "patch", "lorajob", name, "-n", namespace, "--type=merge",
+        "-p", json.dumps({"spec": {"output": {"deleteOnJobDeletion": True}}}),
+    )  # fmt: skip
+    touched = wait_for(
+        "the new generation to be observed",
+        lambda: (
+            (obj := get(kubectl, namespace, "lorajob", name))["status"].get("observedGeneration")
+            == obj["metadata"]["generation"]
+            and obj
+        ),
+    )
+    assert touched["metadata"]["generation"] > done["metadata"]["generation"]
+    assert touched["status"]["phase"] == "Succeeded" and touched["status"]["adapter"] == status["adapter"]
+    assert touched["status"]["completionTime"] == status["completionTime"]
+    jobs = json.loads(kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)["items"]
+    assert jobs == [], [j["metadata"]["name"] for j in jobs]
 
 
 def test_trainer_exit_code_3_fails_the_job_at_once_with_the_trainers_message(
@@ -143,28 +179,6 @@ def test_a_secret_without_the_key_is_named_and_no_job_is_created(operator, kubec
     )
     assert f"spec.dataset.secretRef: Secret {namespace}/typo-creds has no key accessKey" in pending["status"]["message"]
     assert json.loads(kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)["items"] == []
-
-
-def test_each_location_is_read_with_its_own_secret(
-    operator, kubelet, kubectl, namespace, bucket, minio_client, tiny_task, devenv
-):
-    """The dataset's Secret has wrong keys: reading the dataset fails, although the model's and output's are right."""
-    uris = upload(minio_client, bucket, tiny_task)
-    kubectl(
-        "create", "secret", "generic", "stale-creds", "-n", namespace,
-        f"--from-literal=accessKey={devenv.minio_access_key}", "--from-literal=secretKey=rotated-long-ago",
-        f"--from-literal=endpoint={devenv.minio_endpoint}",
-    )  # fmt: skip
-    manifest = lorajob("stale", bucket, uris["base"], uris["train"], uris["test"])
-    manifest["spec"]["dataset"]["secretRef"] = {"name": "stale-creds"}
-    apply(kubectl, namespace, manifest)
-    failed = wait_phase(kubectl, namespace, "stale", "Failed", "Succeeded", timeout=600)
-    assert failed["status"]["phase"] == "Failed", failed["status"]
-    message = failed["status"]["message"]
-    # The dataset's location is named; the base model, read first with its own Secret, is not the problem.
-    assert f"s3://{bucket}/data/train.jsonl" in message, message
-    assert any(word in message for word in ("SignatureDoesNotMatch", "AccessDenied", "403")), message
-    assert "models/tiny" not in message, message
 
 
 def test_a_pvc_dataset_trains(operator, kubelet, kubectl, namespace, bucket, minio_client, tiny_task, tmp_path):

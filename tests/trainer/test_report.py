@@ -93,3 +93,20 @@ def test_kv_format() -> None:
     assert kv("Saved checkpoint", step=3, uri="s3://b/c", message="two words", skip=None) == (
         'Saved checkpoint step=3 uri=s3://b/c message="two words"'
     )
+
+
+def test_a_lorajob_run_reports_under_its_own_uid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRAJob re-created with the same output has another UID, so it never reads this run's report."""
+    monkeypatch.setenv("KUBELORA_LORAJOB_UID", "0b9c6a1e-7f3d-4c2a-9e1b-5d8f2a7c4e60")
+    r = reporter(tmp_path, interval=5, monkeypatch=monkeypatch)
+    (tmp_path / "out" / "_kubelora" / "0b9c6a1e-7f3d-4c2a-9e1b-5d8f2a7c4e60").mkdir(parents=True)
+    stale = tmp_path / "out" / "_kubelora" / "0b9c6a1e-7f3d-4c2a-9e1b-5d8f2a7c4e60" / "result.json"
+    stale.write_text("{}")
+    r.forget_previous_result()  # this run's own earlier attempt
+    assert not stale.exists()
+    r.result(None, ADAPTER)
+    run_dir = tmp_path / "out" / "_kubelora" / "0b9c6a1e-7f3d-4c2a-9e1b-5d8f2a7c4e60"
+    assert json.loads((run_dir / "result.json").read_text())["adapter"]["digest"] == ADAPTER.digest
+    assert not (tmp_path / "out" / "_kubelora" / "result.json").exists()
+    monkeypatch.setenv("KUBELORA_LORAJOB_UID", "../../elsewhere")
+    assert reporter(tmp_path, interval=5, monkeypatch=monkeypatch).report_dir[1].isalnum()

@@ -332,13 +332,35 @@ class Resources(Model):
 
 
 class OutputTarget(Model):
-    """Where the trained adapter is published."""
+    """Where the trained adapter is published. Only deleteOnJobDeletion may change after creation."""
 
-    uri: StorageUri = Field(description="Destination prefix for the adapter files, e.g. s3://adapters/support/")
-    secret_ref: SecretRef | None = Field(default=None, description="S3 credentials: keys accessKey and secretKey")
-    merged_model: bool = Field(default=False, description="Also publish the base with the adapter merged in")
+    cel_rules = (
+        Rule(
+            cel="has(self.secretRef) == has(oldSelf.secretRef)",
+            message="spec.output.secretRef: is immutable once set; it cannot be added or removed after creation",
+            check=lambda old, new: (old.secret_ref is None) == (new.secret_ref is None),
+            transition=True,
+        ),
+    )
+
+    uri: StorageUri = Field(
+        description="Destination prefix for the adapter files, e.g. s3://adapters/support/",
+        json_schema_extra=immutable("spec.output.uri"),
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="S3 credentials: keys accessKey and secretKey",
+        json_schema_extra=immutable("spec.output.secretRef"),
+    )
+    merged_model: bool = Field(
+        default=False,
+        description="Also publish the base with the adapter merged in",
+        json_schema_extra=immutable("spec.output.mergedModel"),
+    )
     delete_on_job_deletion: bool = Field(
-        default=False, description="Remove the adapter files when the LoRAJob is deleted"
+        default=False,
+        description="Remove the adapter files when the LoRAJob is deleted. The one spec field that may change "
+        "after creation: it is read only when the LoRAJob is deleted",
     )
 
 
@@ -417,7 +439,9 @@ class EvalSpec(Model):
 class LoRAJobSpec(Model):
     """What to train, on what, and how to judge it.
 
-    baseModel, dataset, method, lora, training and eval define the adapter and cannot change after creation.
+    The spec defines one run and is fixed when the LoRAJob is created: every field but
+    output.deleteOnJobDeletion is immutable (the API server refuses the change). A changed job is a new
+    LoRAJob.
     """
 
     cel_rules = (
@@ -444,6 +468,12 @@ class LoRAJobSpec(Model):
             check=lambda old, new: (old.eval is None) == (new.eval is None),
             transition=True,
         ),
+        Rule(
+            cel="has(self.activeDeadlineSeconds) == has(oldSelf.activeDeadlineSeconds)",
+            message="spec.activeDeadlineSeconds: is immutable once set; it cannot be added or removed after creation",
+            check=lambda old, new: (old.active_deadline_seconds is None) == (new.active_deadline_seconds is None),
+            transition=True,
+        ),
     )
 
     base_model: BaseModelSource = Field(
@@ -463,16 +493,26 @@ class LoRAJobSpec(Model):
         description="Optimisation settings; one epoch unless epochs or maxSteps is set",
         json_schema_extra=immutable("spec.training"),
     )
-    resources: Resources = Field(default_factory=Resources, description="Training pod resources and scheduling")
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="Training pod resources and scheduling",
+        json_schema_extra=immutable("spec.resources"),
+    )
     output: OutputTarget = Field(description="Where the adapter is published")
     eval: EvalSpec | None = Field(
         default=None,
         description="Evaluation and gates; without it the adapter is published unjudged",
         json_schema_extra=immutable("spec.eval"),
     )
-    retries: Annotated[int, Field(ge=0, le=20)] = Field(default=2, description="Failed training attempts to retry")
+    retries: Annotated[int, Field(ge=0, le=20)] = Field(
+        default=2,
+        description="Failed training attempts to retry (the Job's backoffLimit, set when the Job is created)",
+        json_schema_extra=immutable("spec.retries"),
+    )
     active_deadline_seconds: Annotated[int, Field(ge=60)] | None = Field(
-        default=None, description="Wall-clock limit of one training attempt, in seconds"
+        default=None,
+        description="Wall-clock limit of one training attempt, in seconds",
+        json_schema_extra=immutable("spec.activeDeadlineSeconds"),
     )
 
 
@@ -901,13 +941,17 @@ def validate_lorajob_update(old: Mapping[str, Any] | LoRAJob, new: Mapping[str, 
     old_job = validate_lorajob(old)
     new_job = validate_lorajob(new)
     causes = []
-    for name, path in immutable_fields(LoRAJobSpec).items():
-        before, after = getattr(old_job.spec, name), getattr(new_job.spec, name)
-        if before is not None and after is not None and _wire(before) != _wire(after):
-            causes.append(f"{path}: is immutable once set")
-    for spec_cls in (LoRAJobSpec,):
-        for rule in spec_cls.cel_rules:
-            if rule.transition and not rule.check(old_job.spec, new_job.spec):
+    parts: tuple[tuple[type[BaseModel], BaseModel, BaseModel], ...] = (
+        (LoRAJobSpec, old_job.spec, new_job.spec),
+        (OutputTarget, old_job.spec.output, new_job.spec.output),
+    )
+    for cls, before_part, after_part in parts:
+        for name, path in immutable_fields(cls).items():
+            before, after = getattr(before_part, name), getattr(after_part, name)
+            if before is not None and after is not None and _wire(before) != _wire(after):
+                causes.append(f"{path}: is immutable once set")
+        for rule in cls.__dict__.get("cel_rules", ()):
+            if rule.transition and not rule.check(before_part, after_part):
                 causes.append(rule.message)
     if causes:
         raise InvalidObjectError("LoRAJob", new_job.metadata.name, causes)

@@ -1,6 +1,8 @@
 """Size a LoRAJob before it runs, from nothing but the base model's config.json.
 
-Shared by the operator's preflight check and `kubelora estimate`. No torch is imported.
+Shared by the operator's preflight check (which reads config.json itself, from s3:// only, with the tenant's
+credentials) and `kubelora estimate` (which runs on the user's machine and may read local paths). No torch is
+imported.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import yaml
 
 from kubelora import storage
-from kubelora.api.v1alpha1 import LoRAJob, LoRAJobSpec
+from kubelora.api.v1alpha1 import LoRAJobSpec
 from kubelora.operator.config import OperatorConfig
 from kubelora.trainer import estimate as estimator
 
@@ -51,13 +53,6 @@ def estimate_spec(
     result["pricePerGpuHour"] = price
     result["costEstimate"] = None if gpu_hours is None else f"{gpu_hours * price:.2f} USD"
     return result
-
-
-def estimate_for_lorajob(lorajob: LoRAJob, credentials: dict[str, str]) -> dict[str, Any] | None:
-    model_config = read_model_config(lorajob.spec.base_model.uri, credentials)
-    if model_config is None:
-        return None
-    return estimate_spec(lorajob.spec, model_config)
 
 
 def estimate_manifest(manifest: Path, model_config_path: Path | None = None) -> dict[str, Any]:

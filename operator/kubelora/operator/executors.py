@@ -16,10 +16,13 @@ from typing import Any, Protocol
 
 from kubelora import storage
 from kubelora.api.v1alpha1 import LoRAJob
+from kubelora.operator import names
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.jobspec import EXIT_CONFIG_ERROR, build_job, spec_annotation
 from kubelora.operator.observe import Observation, TrainerReport
 
+#: The trainer mirrors its report under ``<output>/_kubelora/<LoRAJob UID>/`` (docs/trainer.md), so a LoRAJob
+#: re-created under the same name and output never reads the report of the run before it.
 REPORT_PREFIX = "_kubelora/"
 # Container waiting reasons that need the user (a wrong Secret key, an image that cannot be pulled).
 CONTAINER_ERRORS = frozenset(
@@ -27,26 +30,43 @@ CONTAINER_ERRORS = frozenset(
 )
 
 
+class StartRefusedError(Exception):
+    """The run could not be started for a reason the user must see (a condition and an event)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
 class Executor(Protocol):
     def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
-        """Start the run unless it exists; idempotent. Returns the run's name."""
+        """Start the run unless it exists; idempotent. Returns the run's name; raises StartRefusedError."""
 
     def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation: ...
+
+    def read_outcome(self, lorajob: LoRAJob, credentials: dict[str, str]) -> TrainerReport:
+        """The terminal report of this LoRAJob's run, for a run whose Job (or process) is gone."""
 
     def cancel(self, lorajob: LoRAJob) -> None: ...
 
 
+def report_prefix(lorajob: LoRAJob) -> str:
+    uid = lorajob.metadata.uid
+    return f"{REPORT_PREFIX}{uid}/" if uid else REPORT_PREFIX
+
+
 def report_location(lorajob: LoRAJob, name: str) -> storage.S3Location:
-    return storage.parse_s3(lorajob.spec.output.uri).child(REPORT_PREFIX + name)
+    return storage.parse_s3(lorajob.spec.output.uri).child(report_prefix(lorajob) + name)
 
 
-def read_s3_report(lorajob: LoRAJob, credentials: dict[str, str], names: tuple[str, ...]) -> TrainerReport:
+def read_s3_report(lorajob: LoRAJob, credentials: dict[str, str], files: tuple[str, ...]) -> TrainerReport:
     """The trainer's progress snapshot and final result, from next to the adapter."""
     if not lorajob.spec.output.uri.startswith("s3://") or "S3_ENDPOINT" not in credentials:
         return TrainerReport()
     client = storage.client_from_env(credentials)
     report = TrainerReport()
-    for name in names:
+    for name in files:
         snapshot = storage.read_json(client, report_location(lorajob, name))
         if snapshot:
             loaded = TrainerReport.from_snapshot(snapshot)
@@ -130,7 +150,11 @@ def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Obser
 
 
 class JobExecutor:
-    """Runs the trainer as a batch/v1 Job. Job and pod state come from kopf's in-memory indexes."""
+    """Runs the trainer as a batch/v1 Job. Job and pod state come from kopf's in-memory indexes.
+
+    Jobs are indexed by the UID of their controlling LoRAJob and pods by the UID of their controlling Job
+    (ownerReferences), never by name or label: a Job that only looks like ours is not ours.
+    """
 
     def __init__(self, api_client: Any, config: OperatorConfig) -> None:
         from kubernetes import client
@@ -141,27 +165,42 @@ class JobExecutor:
         self.pods: Any = {}
 
     def bind(self, jobs: Any, pods: Any) -> None:
-        """Read Jobs and pods from these mappings of (namespace, lorajob) to objects (kopf indexes)."""
+        """Read Jobs (by LoRAJob UID) and pods (by Job UID) from these mappings (kopf indexes)."""
         self.jobs, self.pods = jobs, pods
 
-    def _key(self, lorajob: LoRAJob) -> tuple[str, str]:
-        return (lorajob.metadata.namespace or "", lorajob.metadata.name)
+    def _job(self, lorajob: LoRAJob) -> dict[str, Any] | None:
+        jobs = list(self.jobs.get(lorajob.metadata.uid, [])) if lorajob.metadata.uid else []
+        # One Job per LoRAJob; the newest, should an older operator version have named it otherwise.
+        return max(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "", default=None)
 
     def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
         from kubernetes.client.exceptions import ApiException
 
         body: Any = build_job(lorajob, self.config)
+        namespace, name = lorajob.metadata.namespace or "default", str(body["metadata"]["name"])
         try:
-            self.batch.create_namespaced_job(lorajob.metadata.namespace or "default", body)
+            self.batch.create_namespaced_job(namespace, body)
         except ApiException as exc:
-            if exc.status != 409:  # AlreadyExists: an earlier reconcile made it
-                raise
-        return str(body["metadata"]["name"])
+            if exc.status == 409:
+                jobs = self.jobs.get(lorajob.metadata.uid, []) if lorajob.metadata.uid else []
+                if any(job["metadata"]["name"] == name for job in jobs):
+                    return name  # an earlier pass made it
+                raise StartRefusedError(
+                    "JobNameConflict",
+                    f"Job {namespace}/{name} exists but is not controlled by this LoRAJob; it is neither adopted "
+                    "nor read. Delete that Job, or re-create the LoRAJob (its new UID gives another Job name)",
+                ) from None
+            if exc.status is not None and 400 <= exc.status < 500:
+                raise StartRefusedError(
+                    "JobRejected", f"The API server refused Job {namespace}/{name}: {api_message(exc)}"
+                ) from None
+            raise
+        return name
 
     def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation:
-        key = self._key(lorajob)
-        jobs = list(self.jobs.get(key, []))
-        observation = observe_job(jobs[0] if jobs else None, list(self.pods.get(key, [])))
+        job = self._job(lorajob)
+        pods = list(self.pods.get(job["metadata"].get("uid"), [])) if job is not None else []
+        observation = observe_job(job, pods)
         if observation.state == "Succeeded":
             observation.report = read_s3_report(lorajob, credentials, ("progress.json", "result.json"))
         elif observation.state == "Failed":
@@ -172,8 +211,22 @@ class JobExecutor:
             observation.report = read_s3_report(lorajob, credentials, ("progress.json",))
         return observation
 
+    def read_outcome(self, lorajob: LoRAJob, credentials: dict[str, str]) -> TrainerReport:
+        """The run's own terminal report, for a run whose Job is gone."""
+        return read_s3_report(lorajob, credentials, ("result.json",))
+
     def cancel(self, lorajob: LoRAJob) -> None:
         """Deleting the LoRAJob deletes the Job through its owner reference; nothing else to do."""
+
+
+def api_message(exc: Any) -> str:
+    """The API server's own message from an ApiException (its Status body), else its reason."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or exc.status)[:900]
 
 
 class LocalExecutor:
@@ -184,7 +237,8 @@ class LocalExecutor:
         self.python = python
 
     def _dir(self, lorajob: LoRAJob) -> Path:
-        return self.root / (lorajob.metadata.namespace or "default") / f"{lorajob.metadata.name}-{lorajob.metadata.uid}"
+        run = names.run_directory(lorajob.metadata.name, lorajob.metadata.uid)
+        return self.root / (lorajob.metadata.namespace or "default") / run
 
     def _pid(self, run_dir: Path) -> int | None:
         try:
@@ -224,7 +278,10 @@ class LocalExecutor:
         # The shell records the exit code, so a restarted operator still learns how the run ended.
         script = 'exec 1>>"$RUN_DIR/trainer.log" 2>&1; "$@"; echo $? > "$RUN_DIR/exit-code.tmp"; '
         script += 'mv "$RUN_DIR/exit-code.tmp" "$RUN_DIR/exit-code"'
-        env = {**os.environ, **credentials, "RUN_DIR": str(run_dir), "KUBELORA_LOCAL_ATTEMPT": str(attempts)}
+        # The run gets its roles' credentials (BASE_MODEL_AWS_ACCESS_KEY_ID, ...) and none of this process's own.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        env = {**inherited, **credentials, "RUN_DIR": str(run_dir), "KUBELORA_LOCAL_ATTEMPT": str(attempts)}
+        env["KUBELORA_LORAJOB_UID"] = lorajob.metadata.uid or ""
         process = subprocess.Popen(
             ["/bin/sh", "-c", script, "kubelora-trainer", *command], env=env, start_new_session=True, cwd=run_dir
         )
@@ -273,6 +330,9 @@ class LocalExecutor:
         ) or f"Trainer exited with code {code} after {attempts} attempt(s)"
         observation.finished_at = _iso_mtime(run_dir / "exit-code") if (run_dir / "exit-code").exists() else None
         return observation
+
+    def read_outcome(self, lorajob: LoRAJob, credentials: dict[str, str]) -> TrainerReport:
+        return TrainerReport.from_jsonl(self._dir(lorajob) / "report.jsonl")
 
     def cancel(self, lorajob: LoRAJob) -> None:
         pid = self._pid(self._dir(lorajob))

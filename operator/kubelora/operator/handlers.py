@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,11 +15,10 @@ import kopf
 from pydantic import ValidationError
 
 from kubelora import storage
-from kubelora.api.v1alpha1 import GROUP, VERSION, LoRAJob
-from kubelora.operator import lorajobs, metrics
+from kubelora.api.v1alpha1 import API_VERSION, GROUP, VERSION, LoRAJob
+from kubelora.operator import lorajobs, metrics, names, preflight
 from kubelora.operator.conditions import now, set_condition
 from kubelora.operator.config import OperatorConfig
-from kubelora.operator.estimates import estimate_for_lorajob
 from kubelora.operator.executors import JobExecutor, LocalExecutor
 from kubelora.operator.jobspec import LORAJOB_LABEL
 
@@ -53,7 +53,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = (settings.execution.max_workers or 16) + 4
     memo.api_client = client.ApiClient(configuration)
-    memo.cluster = lorajobs.Cluster(memo.api_client)
+    memo.cluster = preflight.Cluster(memo.api_client)
+    memo.objects = preflight.S3Objects()
     if memo.config.executor == "local":
         memo.executor = LocalExecutor(memo.config)
     else:
@@ -61,6 +62,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     memo.progress_read_at = {}
     memo.started_runs = set()  # uids whose run this process started, until the Job shows in the index
     memo.lorajobs = {}
+    memo.reconciling = {}  # uid -> lock: the kopf handler and the resync loop never work on one LoRAJob at once
     memo.workers = settings.execution.max_workers or 16
     memo.resync_task = asyncio.get_running_loop().create_task(resync_loop(memo))
     # kopf logs every handler run at INFO; at a thousand objects that drowns the phase changes.
@@ -89,14 +91,18 @@ def _slim(body: kopf.Body) -> dict[str, Any]:
 
 # kopf keeps these in memory from watch streams, so a reconcile reads Jobs and pods without API calls.
 # Handlers start only once the indexes are filled, so a restarted operator sees the Jobs it made.
+# The label only narrows the watch; a Job belongs to the LoRAJob whose UID its controller ownerReference
+# names, and a pod to the Job that controls it. A Job that merely carries the label is nobody's.
 @kopf.index("batch", "v1", "jobs", labels={LORAJOB_LABEL: kopf.PRESENT})
-def training_jobs(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels[LORAJOB_LABEL]): _slim(body)}
+def training_jobs(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    owner = names.controller_uid(body.metadata, API_VERSION, "LoRAJob")
+    return {owner: _slim(body)} if owner else {}
 
 
 @kopf.index("", "v1", "pods", labels={LORAJOB_LABEL: kopf.PRESENT})
-def training_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, labels[LORAJOB_LABEL]): _slim(body)}
+def training_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    owner = names.controller_uid(body.metadata, "batch/v1", "Job")
+    return {owner: _slim(body)} if owner else {}
 
 
 def _parse(body: Mapping[str, Any]) -> LoRAJob:
@@ -121,33 +127,45 @@ def reconcile_body(body: Any, memo: Any) -> tuple[dict[str, Any] | None, list[lo
     started = time.monotonic()
     old_status = dict(body.get("status") or {})
     metadata = body.get("metadata") or {}
+    generation = metadata.get("generation")
+    if not lorajobs.needs_reconcile(old_status, generation):
+        return None, []  # finished, and this generation is recorded: nothing to parse or check again
     try:
         lorajob = _parse(body)
     except ValidationError as exc:
-        # The CRD should have rejected this; never crash-loop on one bad object.
+        # The CRD should have rejected this; never crash-loop on one bad object. Recording the generation
+        # ends it: the LoRAJob is Failed with a current observedGeneration, so it is not parsed again.
         message = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:1024]
-        if old_status.get("phase") == "Failed" and old_status.get("message") == message:
-            return None, []
         conditions = set_condition(
-            list(old_status.get("conditions", [])), "Ready", False, "InvalidSpec", message, metadata.get("generation")
+            list(old_status.get("conditions", [])), "Ready", False, "InvalidSpec", message, generation
         )
-        patch = {"phase": "Failed", "message": message, "conditions": conditions, "completionTime": now()}
+        patch = {"phase": "Failed", "message": message, "conditions": conditions, "observedGeneration": generation}
+        if old_status.get("phase") not in lorajobs.TERMINAL_PHASES:
+            patch["completionTime"] = now()
+        log.warning(
+            "Invalid spec lorajob=%s/%s generation=%s message=%r",
+            metadata.get("namespace"),
+            metadata.get("name"),
+            generation,
+            message,
+        )
         return patch, [lorajobs.Event("Warning", "InvalidSpec", message)]
     key = lorajob.metadata.uid or lorajob.metadata.name
     last_read = memo.progress_read_at.get(key, 0.0)
     read_progress = time.monotonic() - last_read >= memo.config.progress_interval_seconds
     if read_progress:
         memo.progress_read_at[key] = time.monotonic()
-    new_status, events = lorajobs.reconcile(
-        lorajob,
-        old_status,
-        memo.executor,
-        memo.cluster,
-        memo.config,
-        _cached_estimate,
-        read_progress=read_progress,
-        started_runs=memo.started_runs,
-    )
+    with memo.reconciling.setdefault(key, threading.Lock()):
+        new_status, events = lorajobs.reconcile(
+            lorajob,
+            old_status,
+            memo.executor,
+            memo.cluster,
+            memo.config,
+            memo.objects,
+            read_progress=read_progress,
+            started_runs=memo.started_runs,
+        )
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     if new_status is None:
         return None, events
@@ -167,18 +185,23 @@ def reconcile_body(body: Any, memo: Any) -> tuple[dict[str, Any] | None, list[lo
 @kopf.on.update(*LORAJOBS, field="spec")
 @kopf.on.resume(*LORAJOBS)
 def reconcile_lorajob(body: kopf.Body, patch: kopf.Patch, memo: Any, **kwargs: Any) -> None:
-    if isinstance(memo.executor, JobExecutor):
-        # kopf passes each index as a keyword named after its function.
-        memo.executor.bind(kwargs["training_jobs"], kwargs["training_pods"])
+    _bind(memo, kwargs)
     status_patch, events = reconcile_body(body, memo)
     for field, value in (status_patch or {}).items():
         patch.status[field] = value
     _post(body, events)
 
 
+def _bind(memo: Any, kwargs: Mapping[str, Any]) -> None:
+    if isinstance(memo.executor, JobExecutor):
+        # kopf passes each index as a keyword named after its function.
+        memo.executor.bind(kwargs["training_jobs"], kwargs["training_pods"])
+
+
 @kopf.on.event(*LORAJOBS)
-def remember_lorajob(event: Any, body: kopf.Body, memo: Any, **_: Any) -> None:
+def remember_lorajob(event: Any, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     """The latest body of every LoRAJob, for the resync loop (no per-object timers: they need finalizers)."""
+    _bind(memo, kwargs)  # before the resync loop can see a body, the executor sees the indexes
     key = (body.metadata.get("namespace"), body.metadata.get("name"))
     if event.get("type") == "DELETED":
         memo.lorajobs.pop(key, None)
@@ -265,7 +288,7 @@ def delete_adapter_files(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> N
     lorajob = _parse(body)
     location = storage.parse_s3(lorajob.spec.output.uri)
     try:
-        credentials = lorajobs.credentials_of(lorajob, memo.cluster, memo.config)
+        credentials = preflight.role_credentials(lorajob, "OUTPUT", memo.cluster, memo.config)
         count = storage.delete_prefix(storage.client_from_env(credentials), location)
     except Exception as exc:
         # Never hold the LoRAJob (or its namespace) hostage: say what was left behind and let go.
@@ -292,26 +315,5 @@ def forget_lorajob(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
     key = body.metadata.get("uid") or body.metadata.name
     memo.progress_read_at.pop(key, None)
     memo.started_runs.discard(key)
+    memo.reconciling.pop(key, None)
     metrics.forget(key)
-
-
-_estimate_cache: dict[tuple[str, str], tuple[float, Any]] = {}
-ESTIMATE_CACHE_SECONDS = 300.0
-
-
-def _cached_estimate(lorajob: LoRAJob, credentials: dict[str, str]) -> Any:
-    """The memory estimate, cached per base model and job shape: 1,000 jobs on one base read config.json once."""
-    spec = lorajob.spec
-    key = (spec.base_model.uri, spec.model_dump_json(include={"method", "lora", "training", "resources"}))
-    hit = _estimate_cache.get(key)
-    if hit is not None and time.monotonic() - hit[0] < ESTIMATE_CACHE_SECONDS:
-        if isinstance(hit[1], Exception):
-            raise hit[1]
-        return hit[1]
-    try:
-        value: Any = estimate_for_lorajob(lorajob, credentials)
-    except Exception as exc:
-        _estimate_cache[key] = (time.monotonic(), exc)
-        raise
-    _estimate_cache[key] = (time.monotonic(), value)
-    return value

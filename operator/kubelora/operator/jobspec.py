@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from kubelora.api.v1alpha1 import API_VERSION, LoRAJob, dump
+from kubelora.operator import names
 from kubelora.operator.config import OperatorConfig
 
+#: The LoRAJob's name (shortened with a hash past 63 characters): for people and kubectl selectors only.
 LORAJOB_LABEL = "kubelora.dev/lorajob"
+#: The LoRAJob's UID. Neither label decides ownership: the controller ownerReference does.
+LORAJOB_UID_LABEL = "kubelora.dev/lorajob-uid"
 SPEC_ANNOTATION = "kubelora.dev/spec"
 SPEC_PATH = "/etc/kubelora/lorajob.json"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -18,13 +21,21 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 EXIT_CONFIG_ERROR = 3
 
 
-def job_name(lorajob_name: str) -> str:
-    """Deterministic, so a restarted operator finds the Job it made instead of making another."""
-    name = f"{lorajob_name}-train"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(lorajob_name.encode()).hexdigest()[:8]
-    return f"{lorajob_name[:48]}-{digest}-train"
+def job_name(lorajob: LoRAJob) -> str:
+    """Deterministic from name and UID (see kubelora.operator.names), at most 63 characters."""
+    return names.job_name(lorajob.metadata.name, lorajob.metadata.uid)
+
+
+def labels(lorajob: LoRAJob) -> dict[str, str]:
+    """Labels of the Job and its pods; every value fits 63 characters whatever the LoRAJob's name."""
+    out = {
+        LORAJOB_LABEL: names.label_value(lorajob.metadata.name),
+        "app.kubernetes.io/name": "kubelora-trainer",
+        "app.kubernetes.io/managed-by": "kubelora",
+    }
+    if lorajob.metadata.uid:
+        out[LORAJOB_UID_LABEL] = lorajob.metadata.uid
+    return out
 
 
 #: The trainer reads S3 credentials per role (kubelora.trainer.storage): BASE_MODEL_AWS_ACCESS_KEY_ID, ...
@@ -107,11 +118,7 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
     spec = lorajob.spec
     meta = lorajob.metadata
     gpus = spec.resources.gpus
-    labels = {
-        LORAJOB_LABEL: meta.name,
-        "app.kubernetes.io/name": "kubelora-trainer",
-        "app.kubernetes.io/managed-by": "kubelora",
-    }
+    job_labels = labels(lorajob)
     limits: dict[str, str] = {}
     requests: dict[str, str] = {}
     if gpus:
@@ -225,7 +232,7 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
             ]
         },
         "template": {
-            "metadata": {"labels": labels, "annotations": {SPEC_ANNOTATION: spec_annotation(lorajob)}},
+            "metadata": {"labels": job_labels, "annotations": {SPEC_ANNOTATION: spec_annotation(lorajob)}},
             "spec": pod_spec,
         },
     }
@@ -235,9 +242,9 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(meta.name),
+            "name": job_name(lorajob),
             "namespace": meta.namespace,
-            "labels": labels,
+            "labels": job_labels,
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,

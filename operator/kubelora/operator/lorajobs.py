@@ -6,21 +6,21 @@ Phases: Pending → Queued → Training → Evaluating → Succeeded | Failed.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from kubelora.api.v1alpha1 import LoRAJob
-from kubelora.operator.conditions import now, set_condition
+from kubelora.operator.conditions import get_condition, now, set_condition
 from kubelora.operator.config import OperatorConfig
-from kubelora.operator.executors import Executor
-from kubelora.operator.jobspec import GPU_PRODUCT_LABEL
+from kubelora.operator.executors import CONTAINER_ERRORS, Executor, StartRefusedError
 from kubelora.operator.observe import Observation
+from kubelora.operator.preflight import Cluster, ObjectStore, Preflight, preflight, role_credentials, role_env
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+#: Reasons that need the user, shown as Warning events even when the phase stays the same.
+_WARNING_SUFFIXES = ("NotFound", "Invalid", "Conflict", "AccessDenied", "Rejected", "Unavailable")
 logger = logging.getLogger("kubelora.lorajob")
 
 
@@ -31,120 +31,8 @@ class Event:
     message: str
 
 
-@dataclasses.dataclass
-class Preflight:
-    """Outcome of the checks the API server cannot make."""
-
-    blocking: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (reason, message): wait and retry
-    fatal: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (reason, message): the job cannot run
-    warnings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    credentials: dict[str, str] = dataclasses.field(default_factory=dict)
-    estimate: dict[str, Any] | None = None
-
-
-class Cluster:
-    """The reads the state machine needs from the API server; a fake stands in for it in unit tests."""
-
-    def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
-
-        self.core = client.CoreV1Api(api_client)
-
-    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-
-    def gpu_nodes(self, product: str) -> list[dict[str, str]]:
-        """Labels of the nodes that carry this GPU product."""
-        nodes = self.core.list_node(label_selector=f"{GPU_PRODUCT_LABEL}={product}").items
-        return [dict((n.metadata.labels if n.metadata else None) or {}) for n in nodes]
-
-
-# GPU memory in MiB by product, for types no node shows yet (an autoscaler may add them).
-KNOWN_GPU_MEMORY_MIB = {
-    "NVIDIA-A100-SXM4-80GB": 81920,
-    "NVIDIA-A100-SXM4-40GB": 40960,
-    "NVIDIA-H100-80GB-HBM3": 81559,
-    "NVIDIA-L4": 23034,
-    "NVIDIA-A10G": 23028,
-    "Tesla-T4": 15360,
-}
-
-
-def credentials_for(lorajob: LoRAJob, secret: dict[str, str], config: OperatorConfig) -> dict[str, str]:
-    endpoint = secret.get("endpoint") or config.default_s3_endpoint or ""
-    creds = {"AWS_ACCESS_KEY_ID": secret.get("accessKey", ""), "AWS_SECRET_ACCESS_KEY": secret.get("secretKey", "")}
-    if endpoint:
-        creds["S3_ENDPOINT"] = endpoint
-    creds["S3_SECURE"] = "true" if config.s3_secure else "false"
-    return creds
-
-
-def preflight(
-    lorajob: LoRAJob,
-    cluster: Cluster,
-    config: OperatorConfig,
-    estimate_memory: Callable[[LoRAJob, dict[str, str]], dict[str, Any] | None] | None = None,
-) -> Preflight:
-    result = Preflight()
-    spec = lorajob.spec
-    namespace = lorajob.metadata.namespace or "default"
-    refs = {
-        "spec.baseModel.secretRef": spec.base_model.secret_ref,
-        "spec.dataset.secretRef": spec.dataset.secret_ref,
-        "spec.output.secretRef": spec.output.secret_ref,
-    }
-    secrets: dict[str, dict[str, str]] = {}
-    for field, ref in refs.items():
-        if ref is None or ref.name in secrets:
-            continue
-        data = cluster.read_secret(namespace, ref.name)
-        if data is None:
-            result.blocking.append(("SecretNotFound", f"{field}: Secret {namespace}/{ref.name} does not exist"))
-            continue
-        missing = [k for k in ("accessKey", "secretKey") if k not in data]
-        if missing:
-            result.blocking.append(("SecretInvalid", f"{field}: Secret {namespace}/{ref.name} has no key {missing[0]}"))
-            continue
-        secrets[ref.name] = data
-    first = next((secrets[r.name] for r in refs.values() if r is not None and r.name in secrets), {})
-    result.credentials = credentials_for(lorajob, first, config)
-    gpu_memory_mib: int | None = None
-    if spec.resources.gpu_type:
-        nodes = cluster.gpu_nodes(spec.resources.gpu_type)
-        if not nodes:
-            result.warnings.append(
-                (
-                    "GPUTypeNotFound",
-                    f"spec.resources.gpuType: no node has {GPU_PRODUCT_LABEL}={spec.resources.gpu_type}",
-                )
-            )
-        memory_labels = [int(n["nvidia.com/gpu.memory"]) for n in nodes if n.get("nvidia.com/gpu.memory", "").isdigit()]
-        gpu_memory_mib = max(memory_labels) if memory_labels else KNOWN_GPU_MEMORY_MIB.get(spec.resources.gpu_type)
-    if estimate_memory is not None and not result.blocking:
-        try:
-            result.estimate = estimate_memory(lorajob, result.credentials)
-        except Exception as exc:
-            result.warnings.append(("EstimateUnavailable", f"spec.baseModel: cannot read config.json: {exc}"))
-        needed = (result.estimate or {}).get("totalBytesPerGpu")
-        if needed and gpu_memory_mib and spec.resources.gpus:
-            available = gpu_memory_mib * 1024 * 1024
-            if needed > available:
-                result.fatal.append(
-                    (
-                        "InsufficientGPUMemory",
-                        f"spec.resources: estimated {needed / 2**30:.1f} GiB per GPU exceeds the "
-                        f"{available / 2**30:.1f} GiB of {spec.resources.gpu_type}",
-                    )
-                )
-    return result
+def is_warning(reason: str) -> bool:
+    return reason.endswith(_WARNING_SUFFIXES) or reason in CONTAINER_ERRORS
 
 
 def _seconds_between(start: str | None, end: str | None) -> float:
@@ -184,16 +72,9 @@ def derive_status(
     events: list[Event] = []
     status["observedGeneration"] = generation
 
+    old_ready = get_condition(conditions, "Ready") or {}
     if preflight_result is not None:
-        for reason, message in preflight_result.warnings:
-            conditions = set_condition(
-                conditions,
-                "GPUTypeAvailable" if reason == "GPUTypeNotFound" else "Preflight",
-                False,
-                reason,
-                message,
-                generation,
-            )
+        conditions = _apply_checks(conditions, preflight_result, generation, events)
         if preflight_result.estimate is not None:
             status["estimate"] = preflight_result.estimate
         problems = preflight_result.fatal or preflight_result.blocking
@@ -205,10 +86,10 @@ def derive_status(
             status.update(conditions=conditions, phase=phase, message=message)
             if phase == "Failed":
                 status["completionTime"] = now()
-            _phase_events(old_phase, phase, reason, message, events, status)
+            _phase_events(old_phase, phase, old_ready.get("reason"), reason, message, events)
             return status, events
         conditions = set_condition(
-            conditions, "Preflight", True, "ChecksPassed", "Secrets, GPU type and memory estimate are fine", generation
+            conditions, "Preflight", True, "ChecksPassed", _verdict(preflight_result), generation
         )
 
     state = observation.state
@@ -261,8 +142,34 @@ def derive_status(
         gpu_seconds, cost = _cost(lorajob, observation.started_at, status.get("completionTime"), config)
         status["gpuSeconds"], status["costEstimate"] = gpu_seconds, cost
     status["phase"], status["message"], status["conditions"] = phase, message, conditions
-    _phase_events(old_phase, phase, reason, message, events, status)
+    _phase_events(old_phase, phase, old_ready.get("reason"), reason, message, events)
     return status, events
+
+
+def _apply_checks(
+    conditions: list[dict[str, Any]], result: Preflight, generation: int | None, events: list[Event]
+) -> list[dict[str, Any]]:
+    """Each check writes its own condition, and only that one; a check that newly fails is an event."""
+    for check in result.checks:
+        before = get_condition(conditions, check.type) or {}
+        conditions = set_condition(conditions, check.type, check.status, check.reason, check.message, generation)
+        changed = (before.get("status"), before.get("reason")) != (check.status, check.reason)
+        if changed and check.severity in ("warning", "blocking", "fatal"):
+            events.append(Event("Warning", check.reason, check.message))
+    return conditions
+
+
+def _verdict(result: Preflight) -> str:
+    """The Preflight message when nothing blocks: what passed, and what did not, by name; never just "fine"."""
+    passed = [c.type for c in result.checks if c.status == "True"]
+    warnings = [f"{c.type} {c.reason}" for c in result.checks if c.severity == "warning"]
+    unknown = [f"{c.type} {c.reason}" for c in result.checks if c.status != "True" and c.severity == "info"]
+    parts = [f"Nothing blocks the run; passed: {', '.join(passed) or 'none'}"]
+    if warnings:
+        parts.append(f"warnings: {', '.join(warnings)}")
+    if unknown:
+        parts.append(f"not checked: {', '.join(unknown)}")
+    return "; ".join(parts)
 
 
 def _finished(
@@ -300,12 +207,16 @@ def _finished(
 
 
 def _phase_events(
-    old: str | None, new: str, reason: str, message: str, events: list[Event], status: dict[str, Any]
+    old: str | None, new: str, old_reason: str | None, reason: str, message: str, events: list[Event]
 ) -> None:
-    if old == new:
-        return
-    kind = "Warning" if new == "Failed" or (new == "Pending" and reason.endswith("NotFound")) else "Normal"
-    events.append(Event(kind, reason or new, f"Phase {old or 'None'} -> {new}: {message}"))
+    """An event for every phase change, and for a new reason that needs the user while the phase stays."""
+    if any(e.reason == reason for e in events):
+        return  # the check that failed has said it already
+    if old != new:
+        kind = "Warning" if new == "Failed" or is_warning(reason) else "Normal"
+        events.append(Event(kind, reason or new, f"Phase {old or 'None'} -> {new}: {message}"))
+    elif reason != old_reason and is_warning(reason):
+        events.append(Event("Warning", reason, message))
 
 
 def needs_reconcile(status: dict[str, Any] | None, generation: int | None) -> bool:
@@ -319,13 +230,25 @@ def reconcile(
     executor: Executor,
     cluster: Cluster,
     config: OperatorConfig,
-    estimate_memory: Callable[[LoRAJob, dict[str, str]], dict[str, Any] | None] | None = None,
+    objects: ObjectStore | None = None,
     read_progress: bool = True,
     started_runs: set[str] | None = None,
 ) -> tuple[dict[str, Any] | None, list[Event]]:
     """One level-based pass over `lorajob` with status `old`. Returns the status to write (None: unchanged)."""
-    if not needs_reconcile(old, lorajob.metadata.generation):
+    generation = lorajob.metadata.generation
+    if not needs_reconcile(old, generation):
         return None, []
+    if old.get("phase") in TERMINAL_PHASES:
+        # A finished run stays finished: a spec change (only deleteOnJobDeletion may change) never starts
+        # another run, whether or not its Job still exists.
+        logger.info(
+            "Kept finished LoRAJob lorajob=%s/%s phase=%s generation=%s",
+            lorajob.metadata.namespace,
+            lorajob.metadata.name,
+            old.get("phase"),
+            generation,
+        )
+        return {**{k: v for k, v in old.items() if k != "kopf"}, "observedGeneration": generation}, []
     check: Preflight | None = None
     observation = executor.observe(lorajob, {}, read_progress=False)
     run_key = lorajob.metadata.uid or lorajob.metadata.name
@@ -334,23 +257,15 @@ def reconcile(
         return None, []
     if observation.state != "NotStarted" and started_runs is not None:
         started_runs.discard(run_key)
-    if observation.state == "NotStarted":
-        check = preflight(lorajob, cluster, config, estimate_memory)
+    if observation.state == "NotStarted" and old.get("jobName"):
+        observation = lost_run(lorajob, old, executor, role_credentials(lorajob, "OUTPUT", cluster, config))
+    elif observation.state == "NotStarted":
+        check = preflight(lorajob, cluster, config, objects)
         if not (check.blocking or check.fatal):
-            run_name = executor.start(lorajob, check.credentials)
-            if started_runs is not None:
-                started_runs.add(run_key)
-            observation = executor.observe(lorajob, check.credentials, read_progress=False)
-            observation.run_name = observation.run_name or run_name
-            logger.info(
-                "Started training run lorajob=%s/%s run=%s",
-                lorajob.metadata.namespace,
-                lorajob.metadata.name,
-                observation.run_name,
-            )
+            observation = _start(lorajob, executor, check, started_runs, run_key)
     else:
         wanted = ("Running", "Succeeded", "Failed")
-        credentials = credentials_of(lorajob, cluster, config) if observation.state in wanted else {}
+        credentials = role_credentials(lorajob, "OUTPUT", cluster, config) if observation.state in wanted else {}
         observation = executor.observe(lorajob, credentials, read_progress=read_progress)
     status, events = derive_status(lorajob, old, observation, config, check)
     if _same(old, status):
@@ -358,12 +273,59 @@ def reconcile(
     return status, events
 
 
-def credentials_of(lorajob: LoRAJob, cluster: Cluster, config: OperatorConfig) -> dict[str, str]:
-    """S3 settings for this job, from its own namespace's Secret (kept in memory only)."""
-    spec = lorajob.spec
-    ref = spec.output.secret_ref or spec.base_model.secret_ref or spec.dataset.secret_ref
-    secret = cluster.read_secret(lorajob.metadata.namespace or "default", ref.name) if ref else None
-    return credentials_for(lorajob, secret or {}, config)
+def _start(
+    lorajob: LoRAJob, executor: Executor, check: Preflight, started_runs: set[str] | None, run_key: str
+) -> Observation:
+    meta = lorajob.metadata
+    try:
+        run_name = executor.start(lorajob, role_env(check.credentials))
+    except StartRefusedError as exc:
+        logger.warning(
+            "Cannot start training run lorajob=%s/%s reason=%s message=%r",
+            meta.namespace,
+            meta.name,
+            exc.reason,
+            exc.message,
+        )
+        return Observation(state="NotStarted", reason=exc.reason, message=exc.message)
+    if started_runs is not None:
+        started_runs.add(run_key)
+    observation = executor.observe(lorajob, {}, read_progress=False)
+    observation.run_name = observation.run_name or run_name
+    logger.info("Started training run lorajob=%s/%s run=%s", meta.namespace, meta.name, observation.run_name)
+    return observation
+
+
+def lost_run(lorajob: LoRAJob, old: dict[str, Any], executor: Executor, credentials: dict[str, str]) -> Observation:
+    """The outcome of a run whose Job vanished before the operator saw it finish (deleted, or a TTL).
+
+    Its own report (keyed by this LoRAJob's UID) says how it ended; without one the LoRAJob fails. It never
+    starts another run: that would spend the GPU hours again and overwrite a published adapter.
+    """
+    report = executor.read_outcome(lorajob, credentials)
+    observation = Observation(
+        state="Failed",
+        attempts=int(old.get("attempts") or 0),
+        started_at=old.get("startTime"),
+        run_name=old.get("jobName"),
+        report=report,
+    )
+    if report.result is not None:
+        observation.state = "Succeeded"
+    elif report.error is None:
+        observation.reason = "JobDeleted"
+        observation.message = (
+            f"Job {old.get('jobName')} was deleted before the run finished and the run published no result; "
+            "a LoRAJob does not start a second run: re-create it to train again"
+        )
+    logger.warning(
+        "Training run gone lorajob=%s/%s run=%s outcome=%s",
+        lorajob.metadata.namespace,
+        lorajob.metadata.name,
+        old.get("jobName"),
+        observation.state,
+    )
+    return observation
 
 
 def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:

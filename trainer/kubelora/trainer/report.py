@@ -1,19 +1,23 @@
 """Step 8, report: machine-readable events plus human-readable console output.
 
 Events are JSON objects, one a line, appended to ``--report-file``; the latest state is mirrored to
-``<output>/_kubelora/progress.json`` at most every ``KUBELORA_PROGRESS_INTERVAL`` seconds (default 5),
-and the terminal event (``result`` or ``error``) to ``<output>/_kubelora/result.json`` and, when
+``<output>/_kubelora/<run>/progress.json`` at most every ``KUBELORA_PROGRESS_INTERVAL`` seconds (default 5),
+and the terminal event (``result`` or ``error``) to ``<output>/_kubelora/<run>/result.json`` and, when
 writable, to the termination log (``/dev/termination-log``, ``KUBELORA_TERMINATION_LOG`` overrides)
-as a compact summary. See docs/trainer.md for the schema.
+as a compact summary. ``<run>/`` is the LoRAJob's UID (``KUBELORA_LORAJOB_UID``, set by the operator), so a
+LoRAJob re-created with the same output never reads its predecessor's report; without a UID there is none.
+See docs/trainer.md for the schema.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -27,6 +31,15 @@ log = logging.getLogger("kubelora.trainer")
 
 TERMINATION_LOG_LIMIT = 4096
 SCHEMA_VERSION = 1
+REPORT_DIR = "_kubelora"
+
+
+def report_dir(run: str | None = None) -> tuple[str, ...]:
+    """Where under the output the report goes: ``_kubelora/<run>`` for a LoRAJob's run, else ``_kubelora``."""
+    run = os.environ.get("KUBELORA_LORAJOB_UID", "") if run is None else run
+    if run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}", run):
+        run = hashlib.sha256(run.encode()).hexdigest()[:32]  # never a path of its own
+    return (REPORT_DIR, run) if run else (REPORT_DIR,)
 
 
 def now_iso() -> str:
@@ -142,6 +155,7 @@ class Reporter:
     ) -> None:
         self.report_file = report_file
         self.mirror = mirror
+        self.report_dir = report_dir()
         self.interval = float(os.environ.get("KUBELORA_PROGRESS_INTERVAL", "5")) if interval is None else interval
         self.termination_log = termination_log or Path(
             os.environ.get("KUBELORA_TERMINATION_LOG", "/dev/termination-log")
@@ -180,7 +194,7 @@ class Reporter:
             return
         store, out = self.mirror
         try:
-            store.put_bytes(out.child("_kubelora", name), json.dumps(body, indent=1).encode())
+            store.put_bytes(out.child(*self.report_dir, name), json.dumps(body, indent=1).encode())
         except Exception as e:  # reporting must not fail the run
             log.warning(kv("Cannot mirror report", file=name, error=str(e)))
 
@@ -197,7 +211,7 @@ class Reporter:
             return
         store, out = self.mirror
         try:
-            store.delete(out.child("_kubelora", "result.json"))
+            store.delete(out.child(*self.report_dir, "result.json"))
         except Exception as e:
             log.warning(kv("Cannot remove the previous result", error=str(e)))
 

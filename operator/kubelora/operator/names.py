@@ -1,0 +1,58 @@
+"""Names, label values and ownership of a LoRAJob's children: deterministic, and short enough for Kubernetes.
+
+A LoRAJob's name may have 253 characters (a DNS subdomain), but a Job's name ends up in its pods'
+``job-name`` label (at most 63 characters) and every label value has at most 63. Identity never rests
+on these names: children are found by the UID in their controller ownerReference. The names are for
+people, and for a restarted operator to create the same Job rather than a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+LABEL_VALUE_MAX = 63
+JOB_SUFFIX = "train"
+HASH_LENGTH = 8
+
+
+def short_hash(text: str, length: int = HASH_LENGTH) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _prefix(name: str, limit: int) -> str:
+    """The start of `name`, at most `limit` characters, dots made dashes, ending in a letter or digit."""
+    return name[:limit].replace(".", "-").rstrip("-")
+
+
+def job_name(lorajob_name: str, lorajob_uid: str | None) -> str:
+    """``<name>-train-<8 hex digits of the UID's sha256>``, the name cut so the whole fits 63 characters.
+
+    The UID makes a LoRAJob deleted and re-created under the same name get a Job of another name, so the
+    new one never meets the old Job (still being garbage-collected) at all.
+    """
+    tail = f"-{JOB_SUFFIX}-{short_hash(lorajob_uid or lorajob_name)}"
+    return _prefix(lorajob_name, LABEL_VALUE_MAX - len(tail)) + tail
+
+
+def label_value(lorajob_name: str) -> str:
+    """The name as a label value: itself up to 63 characters, else its start and a hash of the whole name."""
+    if len(lorajob_name) <= LABEL_VALUE_MAX:
+        return lorajob_name
+    tail = f"-{short_hash(lorajob_name)}"
+    return lorajob_name[: LABEL_VALUE_MAX - len(tail)].rstrip("-.") + tail
+
+
+def run_directory(lorajob_name: str, lorajob_uid: str | None) -> str:
+    """A file name for a local run: the name's start and the whole UID (file names have 255 bytes)."""
+    return f"{_prefix(lorajob_name, 100)}-{lorajob_uid or short_hash(lorajob_name)}"
+
+
+def controller_uid(metadata: Mapping[str, Any], api_version: str, kind: str) -> str | None:
+    """The UID of the object's controller ownerReference, if that controller is of this kind."""
+    for ref in metadata.get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == kind and ref.get("apiVersion") == api_version:
+            uid = ref.get("uid")
+            return str(uid) if uid else None
+    return None
