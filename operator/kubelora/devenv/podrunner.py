@@ -791,7 +791,7 @@ class ImageProc(Proc):
 
 def _readable_model(model: Path) -> Path:
     """A copy of ``model`` that any uid can read (the vLLM image runs as 65532; pytest's and the demo's
-    temporary directories are root's alone), kept by content under the runner's shared directory."""
+    temporary directories are root's alone), under the shared directory, keyed by its files' names, sizes and times."""
     files = sorted(p for p in model.rglob("*") if p.is_file())
     digest = hashlib.sha256()
     for path in files:
