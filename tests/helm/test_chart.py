@@ -224,6 +224,7 @@ def test_config_file_carries_operator_settings():
         "progressIntervalSeconds": 15,
         "executor": "job",
         "shmSizePerGpu": "16Gi",
+        "operatorCredentialsNamespaces": [],
     }
     pinned = config_of(
         render(

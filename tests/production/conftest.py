@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kubelora.devenv import cluster
+from tests.helm.conftest import chart_crds_in_cluster  # noqa: F401 - the fixture, for the chart-operator test
 from tests.operator.harness import OperatorProcess, create_s3_secret, install_crds
 
 

@@ -24,6 +24,9 @@ from tests.production.test_job_path import lorajob, upload
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
 
+# kopf's peering CRDs come from the chart (crds.enabled is off here: the kubelora CRDs are the suite's own),
+# so this test does not depend on tests/helm having run first.
+@pytest.mark.usefixtures("chart_crds_in_cluster")
 def test_chart_operator_from_its_image_trains_and_serves(
     devenv, kubectl, namespace, other_namespace, images, crds, minio_client, bucket, tmp_path
 ):

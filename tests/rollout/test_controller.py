@@ -311,3 +311,50 @@ def test_helpers():
     pods = [ads.Pod(n, n, "127.0.0.1", 8000, 8001) for n in ("a", "b", "c")]
     assert [p.name for p in ads.choose_canary(pods, {"c": "sha256:x"}, "sha256:x", 2)] == ["c", "a"]
     assert ads.managed_name("x" * 60).startswith("x" * 50) and len(ads.managed_name("x" * 60)) <= 63
+
+
+def test_no_secret_means_an_anonymous_read_not_the_operators_keys(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "operator-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "operator-secret")
+    kube = FakeKube(1)
+    kube.get_secret = lambda namespace, name: {"accessKey": f"{namespace}-key", "secretKey": "s"}  # type: ignore[method-assign]
+
+    def creds(config: OperatorConfig, namespace: str, secret: str | None) -> tuple[str, str]:
+        rt = runtime(kube, FakePods({}))
+        rt.config = config
+        found, problem = asyncio.run(ads._credentials(rt, namespace, secret))
+        assert problem is None and found is not None
+        return found.access_key, found.secret_key
+
+    default = OperatorConfig(default_s3_endpoint="s3.example:9000")
+    assert creds(default, "team-b", None) == ("", "")
+    assert creds(default, "team-b", "own") == ("team-b-key", "s")
+    opted_in = OperatorConfig(default_s3_endpoint="s3.example:9000", operator_credentials_namespaces=["platform"])
+    assert creds(opted_in, "platform", None) == ("operator-key", "operator-secret")
+    assert creds(opted_in, "team-b", None) == ("", "")
+    assert creds(opted_in, "platform", "own") == ("platform-key", "s")
+
+
+def test_resolved_adapters_are_cached_per_namespace_and_secret(published):
+    kube = FakeKube(1)
+    rt = runtime(kube, FakePods(answers_for(published)))
+    reads: list[str] = []
+    read = rt.reader.read
+    rt.reader.read = lambda uri, credentials: reads.append(uri) or read(uri, credentials)  # type: ignore[method-assign]
+    uri, digest = published["a"]
+
+    def resolve(namespace: str, secret: str | None) -> str:
+        add(kube, "svc", uri, digest)
+        obj = kube.objects["svc"]
+        obj["metadata"]["namespace"] = namespace
+        if secret:
+            obj["spec"]["adapter"]["secretRef"] = {"name": secret}
+        before = len(reads)
+        resolution = asyncio.run(ads.resolve(rt, ads.parse(obj)))
+        assert resolution.state == "ok", resolution.message
+        return "read" if len(reads) > before else "cached"
+
+    assert resolve("team-a", "a-creds") == "read"
+    assert resolve("team-a", "a-creds") == "cached"
+    assert resolve("team-b", "a-creds") == "read"  # another tenant reads for itself
+    assert resolve("team-a", None) == "read"  # and so does another Secret

@@ -139,7 +139,7 @@ class Runtime:
         self.semaphore = asyncio.Semaphore(self.settings.concurrency)
         self.locks: dict[str, asyncio.Lock] = {}
         self.tracks: dict[str, dict[str, PodTrack]] = {}
-        self.adapters: dict[tuple[str, str | None], ResolvedAdapter] = {}
+        self.adapters: dict[tuple[str, str | None, str, str, str | None], ResolvedAdapter] = {}
         self.to_thread: Callable[..., Awaitable[Any]] = asyncio.to_thread
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
@@ -290,6 +290,9 @@ class AdapterReader:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket"):
                 raise AdapterStorageError("NotFound", f"{uri} does not exist") from exc
+            if exc.code == "AccessDenied":
+                who = "these credentials" if credentials.access_key else "an anonymous read (no Secret named)"
+                raise AdapterStorageError("AccessDenied", f"{uri}: access denied to {who}") from exc
             raise AdapterStorageError("StorageUnavailable", f"{uri}: {exc.code}: {exc.message}") from exc
         except Exception as exc:
             raise AdapterStorageError("StorageUnavailable", f"{uri}: {exc}") from exc
@@ -366,10 +369,16 @@ async def _credentials(
             return None, Resolution("pending", "SecretNotFound", f"Secret {namespace}/{secret_name} does not exist")
         secret = found
     endpoint = secret.get("endpoint") or runtime.config.default_s3_endpoint or os.environ.get("S3_ENDPOINT", "")
+    access_key, secret_key = secret.get("accessKey", ""), secret.get("secretKey", "")
+    if not secret_name and namespace in runtime.config.operator_credentials_namespaces:
+        # An explicit opt-in per namespace: the operator's own keys read for a tenant that names no Secret.
+        access_key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+        secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    # Otherwise no Secret means an anonymous read: a tenant never reads with the operator's keys.
     credentials = S3Credentials(
         endpoint=endpoint,
-        access_key=secret.get("accessKey") or os.environ.get("AWS_ACCESS_KEY_ID", ""),
-        secret_key=secret.get("secretKey") or os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+        access_key=access_key,
+        secret_key=secret_key,
         secure=runtime.config.s3_secure or endpoint.startswith("https://"),
     )
     return credentials, None
@@ -397,9 +406,9 @@ async def _load_files(
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], str | None]:
     """(manifest, adapter_config, samples, samples problem); raises AdapterStorageError, or ValueError on a bad digest."""
     manifest_bytes = await runtime.to_thread(runtime.reader.read, _join(uri, MANIFEST), credentials)
-    actual = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
-    if actual != digest:
-        raise ValueError(f"{_join(uri, MANIFEST)} has digest {actual}, but the adapter's digest is {digest}")
+    if "sha256:" + hashlib.sha256(manifest_bytes).hexdigest() != digest:
+        # What the manifest's digest is stays unsaid: it would let a tenant probe digests it cannot read.
+        raise ValueError(f"{_join(uri, MANIFEST)} does not have the digest {digest}")
     try:
         manifest = json.loads(manifest_bytes)
         files = {str(f["path"]): f for f in manifest.get("files", [])}
@@ -495,7 +504,8 @@ async def _resolve(runtime: Runtime, ad: AdapterDeployment, secrets: list[str | 
         status_rank, status_base = None, None
         secrets.append(secret_name)
 
-    key = (digest, samples_uri)
+    # Keyed by who reads, too: one tenant's resolved adapter is never another tenant's cache hit.
+    key = (namespace, secret_name, uri, digest, samples_uri)
     cached = runtime.adapters.get(key)
     if cached is None:
         credentials, problem = await _credentials(runtime, namespace, secret_name)

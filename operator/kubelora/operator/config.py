@@ -38,6 +38,9 @@ class OperatorConfig(BaseModel):
     agent_image: str = "ghcr.io/kubelora/agent:0.1.0"
     # Managed vLLM servers' image when an AdapterDeployment names none: one pinned version fleet-wide.
     vllm_image: str = VLLM_IMAGE
+    # Namespaces whose AdapterDeployments may read adapters with the operator's own S3 keys when they name no
+    # Secret. Off by default: elsewhere no Secret means an anonymous read, never the operator's keys.
+    operator_credentials_namespaces: list[str] = Field(default_factory=list)
     # Pull Secrets (names, in each tenant namespace) for the trainer Jobs and managed vLLM pods.
     image_pull_secrets: list[str] = Field(default_factory=list)
 
