@@ -25,6 +25,7 @@ from tests.operator.harness import (
     seed_inputs,
     wait_phase,
 )
+from tests.operator.test_status import ADAPTER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -269,15 +270,6 @@ def test_deadline_is_enforced(operator, kubectl, namespace, bucket):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Identity: children are found by owner UID; a finished run stays finished; the spec of a run is fixed.
-
-ADAPTER = {
-    "uri": "s3://adapters/x/",
-    "digest": "sha256:" + "5f1e2d3c4b5a6978" * 4,
-    "sizeBytes": 10,
-    "trainableParameters": 5,
-    "rank": 16,
-    "baseModel": "tiny",
-}
 
 
 def publish_result(minio_client, bucket, key: str) -> None:

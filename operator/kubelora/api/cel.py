@@ -57,3 +57,17 @@ def immutable_rule(path: str) -> dict[str, Any]:
 def immutable(path: str) -> dict[str, Any]:
     """``json_schema_extra`` for a field that cannot change after the object is created."""
     return {VALIDATIONS_KEY: [immutable_rule(path)], IMMUTABLE_KEY: path}
+
+
+def presence_fixed(field: str, attribute: str, path: str) -> Rule:
+    """The parent's transition rule that an optional immutable field can be neither added nor removed.
+
+    ``field`` is the JSON name (``secretRef``), ``attribute`` the model's (``secret_ref``), ``path`` the
+    field's path in messages (``spec.output.secretRef``).
+    """
+    return Rule(
+        cel=f"has(self.{field}) == has(oldSelf.{field})",
+        message=f"{path}: is immutable once set; it cannot be added or removed after creation",
+        check=lambda old, new: (getattr(old, attribute) is None) == (getattr(new, attribute) is None),
+        transition=True,
+    )

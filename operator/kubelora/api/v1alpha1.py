@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from kubelora.api.cel import IMMUTABLE_KEY, VALIDATIONS_KEY, Rule, immutable
+from kubelora.api.cel import IMMUTABLE_KEY, VALIDATIONS_KEY, Rule, immutable, presence_fixed
 from kubelora.serving.vllm import VLLM_IMAGE
 
 __all__ = [
@@ -334,14 +334,7 @@ class Resources(Model):
 class OutputTarget(Model):
     """Where the trained adapter is published. Only deleteOnJobDeletion may change after creation."""
 
-    cel_rules = (
-        Rule(
-            cel="has(self.secretRef) == has(oldSelf.secretRef)",
-            message="spec.output.secretRef: is immutable once set; it cannot be added or removed after creation",
-            check=lambda old, new: (old.secret_ref is None) == (new.secret_ref is None),
-            transition=True,
-        ),
-    )
+    cel_rules = (presence_fixed("secretRef", "secret_ref", "spec.output.secretRef"),)
 
     uri: StorageUri = Field(
         description="Destination prefix for the adapter files, e.g. s3://adapters/support/",
@@ -462,18 +455,8 @@ class LoRAJobSpec(Model):
             ),
             field_path=".eval.metrics",
         ),
-        Rule(
-            cel="has(self.eval) == has(oldSelf.eval)",
-            message="spec.eval: is immutable once set; it cannot be added or removed after creation",
-            check=lambda old, new: (old.eval is None) == (new.eval is None),
-            transition=True,
-        ),
-        Rule(
-            cel="has(self.activeDeadlineSeconds) == has(oldSelf.activeDeadlineSeconds)",
-            message="spec.activeDeadlineSeconds: is immutable once set; it cannot be added or removed after creation",
-            check=lambda old, new: (old.active_deadline_seconds is None) == (new.active_deadline_seconds is None),
-            transition=True,
-        ),
+        presence_fixed("eval", "eval", "spec.eval"),
+        presence_fixed("activeDeadlineSeconds", "active_deadline_seconds", "spec.activeDeadlineSeconds"),
     )
 
     base_model: BaseModelSource = Field(
