@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-tools: venv ## Build etcd, Kubernetes, kwok, MinIO and Helm from pinned versions (cached)
+tools: venv ## Build etcd, Kubernetes, kwok, MinIO, Helm, actionlint and glua (Argo CD's Lua) from pinned versions (cached)
 	$(PY) -m kubelora.devenv build
 
 dev-up: tools ## Start the local control plane with fake GPU nodes, and MinIO

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -100,8 +101,17 @@ def publish_real(minio: Any, bucket: str, prefix: str, seed: int, model: Path) -
     return f"s3://{bucket}/{prefix}/", "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
+#: The agents' bearer token (Secret kubelora-agent-token, named by spec.target.agentTokenSecretRef).
+AGENT_TOKEN = secrets.token_urlsafe(32)
+
+
 def server_deployment(name: str, replicas: int, mode: str, images: dict[str, str]) -> dict[str, Any]:
     secret_env = [
+        {
+            "name": "KUBELORA_AGENT_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "kubelora-agent-token", "key": "token"}},
+        }
+    ] + [
         {"name": env, "valueFrom": {"secretKeyRef": {"name": "minio-creds", "key": key}}}
         for env, key in (
             ("AWS_ACCESS_KEY_ID", "accessKey"),
@@ -176,6 +186,10 @@ class Bench:
             f"--from-literal=accessKey={self.env.minio_access_key}",
             f"--from-literal=secretKey={self.env.minio_secret_key}",
             f"--from-literal=endpoint={self.env.minio_endpoint}",
+        )  # fmt: skip
+        self.kubectl(
+            "create", "secret", "generic", "kubelora-agent-token", "-n", self.namespace,
+            f"--from-literal=token={AGENT_TOKEN}",
         )  # fmt: skip
         self.minio.make_bucket(self.bucket)
         podrunner.ensure_serving_nodes(self.env, 1)
@@ -280,7 +294,12 @@ class Bench:
                 "spec": {
                     "adapter": {"loraJob": name},
                     "servedName": name,
-                    "target": {"deploymentName": deployment, "baseModel": BASE_MODEL, "maxLoraRank": 16},
+                    "target": {
+                        "deploymentName": deployment,
+                        "baseModel": BASE_MODEL,
+                        "maxLoraRank": 16,
+                        "agentTokenSecretRef": {"name": "kubelora-agent-token"},
+                    },
                     "gatePolicy": {"requireEvalPassed": False},
                     "rollout": {"strategy": "AllAtOnce", "smokePrompts": 0},
                 },
@@ -340,7 +359,7 @@ async def baseline(pods: list[podrunner.RunningPod], name: str, uri: str, digest
     import aiohttp
 
     semaphore = asyncio.Semaphore(concurrency)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {AGENT_TOKEN}"}) as session:
 
         async def one(pod: podrunner.RunningPod) -> None:
             async with semaphore:

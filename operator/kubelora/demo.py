@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -103,6 +104,7 @@ class Demo:
                 f"--from-literal=secretKey={self.env.minio_secret_key}",
                 f"--from-literal=endpoint={self.env.minio_endpoint}",
             )  # fmt: skip
+            self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(agent_token_secret()))
             self.start_operator()
             # The kubelet for this namespace's pods: each container runs from its image.
             self.kubelet = podrunner.image_runner(self.env, self.workdir / "kubelet", namespace=NAMESPACE).start()
@@ -399,6 +401,19 @@ class Demo:
                 self.operator.wait(timeout=30)
 
 
+AGENT_TOKEN_SECRET = "kubelora-agent-token"  # noqa: S105 - a Secret name
+
+
+def agent_token_secret() -> dict[str, Any]:
+    """The vLLM pods' agents answer only callers with this token (spec.target.agentTokenSecretRef)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": AGENT_TOKEN_SECRET},
+        "stringData": {"token": secrets.token_urlsafe(32)},
+    }
+
+
 def vllm_deployment(
     base_uri: str,
     replicas: int = 3,
@@ -447,6 +462,10 @@ def vllm_deployment(
                             "args": ["--port", str(podrunner.DEFAULT_AGENT_PORT), "--dir", "/adapters"],
                             "env": [
                                 {
+                                    "name": "KUBELORA_AGENT_TOKEN",
+                                    "valueFrom": {"secretKeyRef": {"name": AGENT_TOKEN_SECRET, "key": "token"}},
+                                },
+                                {
                                     "name": "S3_ENDPOINT",
                                     "valueFrom": {"secretKeyRef": {"name": "minio-creds", "key": "endpoint"}},
                                 },
@@ -475,7 +494,14 @@ def adapter_deployment(lorajob: str, base_uri: str) -> dict[str, Any]:
         "spec": {
             "adapter": {"loraJob": lorajob, "secretRef": {"name": "minio-creds"}},
             "servedName": SERVED_NAME if lorajob == "support-tickets" else f"{lorajob}",
-            "target": {"deploymentName": "vllm", "baseModel": base_uri, "port": 8000, "maxLoras": 4, "maxLoraRank": 16},
+            "target": {
+                "deploymentName": "vllm",
+                "baseModel": base_uri,
+                "port": 8000,
+                "maxLoras": 4,
+                "maxLoraRank": 16,
+                "agentTokenSecretRef": {"name": AGENT_TOKEN_SECRET},
+            },
             "rollout": {"strategy": "Canary", "canaryReplicas": 1, "smokePrompts": 5, "smokeMinMatch": 0.6},
         },
     }

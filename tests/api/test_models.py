@@ -171,7 +171,14 @@ def test_lorajob_rules(spec: dict[str, Any], accepted: bool):
         assert all(cause.startswith("spec.") for cause in info.value.causes)
 
 
+TOKEN = {"agentTokenSecretRef": {"name": "agent-token"}}
+
+
 def ad(adapter: dict[str, Any], target: dict[str, Any], rollout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An AdapterDeployment; deploymentName and selector targets name an agent token Secret unless given None."""
+    if "managed" not in target and "agentTokenSecretRef" not in target:
+        target = {**target, **TOKEN}
+    target = {k: v for k, v in target.items() if v is not None}
     spec: dict[str, Any] = {"adapter": adapter, "servedName": "s", "target": {"baseModel": "m", **target}}
     if rollout is not None:
         spec["rollout"] = rollout
@@ -196,6 +203,17 @@ MANAGED = {"managed": {"baseModel": {"uri": "hf://a/b"}, "replicas": 2}}
         (ad({"loraJob": "j"}, MANAGED, {"canaryReplicas": 3}), "spec.rollout.canaryReplicas: must not exceed"),
         (ad({"loraJob": "j"}, MANAGED, {"strategy": "AllAtOnce", "canaryReplicas": 3}), None),
         (ad({"loraJob": "j"}, {"deploymentName": "v"}, {"canaryReplicas": 3}), None),  # replica count unknown
+        (
+            ad({"loraJob": "j"}, {"selector": {"app": "v"}, "agentTokenSecretRef": None}),
+            "agentTokenSecretRef: is required",
+        ),
+        (
+            ad({"loraJob": "j"}, {"deploymentName": "v", "agentTokenSecretRef": None}),
+            "agentTokenSecretRef: is required",
+        ),
+        (ad({"loraJob": "j"}, {**MANAGED, **TOKEN}), None),  # a managed server may use the platform's own Secret
+        (ad({"uri": "file:///var/run/secrets/", "digest": DIGEST}, {"deploymentName": "v"}), "spec.adapter.uri"),
+        (ad({"uri": "pvc://claim/adapter/", "digest": DIGEST}, {"deploymentName": "v"}), "spec.adapter.uri"),
     ],
 )
 def test_adapterdeployment_rules(obj: dict[str, Any], message: str | None):

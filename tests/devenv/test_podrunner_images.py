@@ -591,6 +591,7 @@ def test_serving_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, name
             "accessKey": devenv.minio_access_key,
             "secretKey": devenv.minio_secret_key,
             "endpoint": devenv.minio_endpoint,
+            "token": "agent-token-from-the-secret",
         },
     }
     env = [
@@ -599,6 +600,7 @@ def test_serving_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, name
             ("AWS_ACCESS_KEY_ID", "accessKey"),
             ("AWS_SECRET_ACCESS_KEY", "secretKey"),
             ("S3_ENDPOINT", "endpoint"),
+            ("KUBELORA_AGENT_TOKEN", "token"),
         )
     ]
     pod = {
@@ -629,7 +631,9 @@ def test_serving_pods_run_the_agent_sidecar_from_its_image(devenv, kubectl, name
         adapters = podrunner.shared_adapters_dir(running.uid, create=False)
         assert agent.argv[-6:] == ["--host", running.ip, "--port", "8001", "--dir", str(adapters)]
         assert adapters.is_dir()
-        response = httpx.get(f"http://{running.ip}:8001/v1/adapters", timeout=10)
+        url = f"http://{running.ip}:8001/v1/adapters"
+        assert httpx.get(url, timeout=10).status_code == 401  # the token came from the pod's Secret
+        response = httpx.get(url, headers={"Authorization": "Bearer agent-token-from-the-secret"}, timeout=10)
         assert response.status_code == 200, response.text
         assert agent.process is not None
         pids = kubelet.container_pids(agent.process.pid)

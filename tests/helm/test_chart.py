@@ -74,8 +74,19 @@ def test_helm_lint(values, strict):
         ({"crds": {"enabled": True, "keepp": True}}, "keepp"),
         ({"containerSecurityContext": {"privilegd": True}}, "privilegd"),
         ({"networkPolicy": {"enabled": True, "ingress": [{"form": []}]}}, "form"),
+        ({"podDisruptionBudget": {"minAvaliable": 1}}, "minAvaliable"),
+        ({"podAntiAffinity": {"topologykey": "zone"}}, "topologykey"),
     ],
-    ids=["top-level", "minio.persistence", "config", "crds", "securityContext", "networkPolicy.ingress"],
+    ids=[
+        "top-level",
+        "minio.persistence",
+        "config",
+        "crds",
+        "securityContext",
+        "networkPolicy.ingress",
+        "podDisruptionBudget",
+        "podAntiAffinity",
+    ],
 )
 def test_schema_rejects_unknown_keys_by_name(values, named):
     result = run_helm("template", "kl", str(CHART), *set_args(values), check=False)
@@ -93,8 +104,19 @@ def test_schema_rejects_unknown_keys_by_name(values, named):
         ({"config": {"gpuPricesPerHour": {"NVIDIA-L4": -1}}}, "gpuPricesPerHour"),
         ({"minio": {"buckets": ["x; rm -rf /"]}}, "buckets"),
         ({"image": {"repository": "r", "digest": "latest"}}, "digest"),
+        ({"podDisruptionBudget": {"minAvailable": "half"}}, "minAvailable"),
+        ({"podAntiAffinity": {"weight": 0}}, "weight"),
     ],
-    ids=["executor-enum", "type", "namespace-name", "negative-price", "bucket-name", "digest"],
+    ids=[
+        "executor-enum",
+        "type",
+        "namespace-name",
+        "negative-price",
+        "bucket-name",
+        "digest",
+        "pdb-percentage",
+        "anti-affinity-weight",
+    ],
 )
 def test_schema_rejects_bad_values(values, field):
     result = run_helm("template", "kl", str(CHART), *set_args(values), check=False)
@@ -192,14 +214,9 @@ def test_default_render_runs_one_restricted_operator_for_all_namespaces():
 
 
 def test_every_namespaced_object_names_its_namespace():
-    for values in ({}, NAMESPACED, MINIO, {"prometheus": {"servicemonitor": {"enabled": True}}}):
+    for values in ({}, NAMESPACED, MINIO, {"prometheus": {"servicemonitor": {"enabled": True}}}, {"replicaCount": 2}):
         for doc in render(values):
-            cluster_scoped = doc["kind"] in {
-                "CustomResourceDefinition",
-                "ClusterRole",
-                "ClusterRoleBinding",
-                "ClusterKopfPeering",
-            }
+            cluster_scoped = doc["kind"] in {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
             assert cluster_scoped != bool(doc["metadata"].get("namespace")), (doc["kind"], doc["metadata"])
 
 
@@ -225,6 +242,15 @@ def test_config_file_carries_operator_settings():
         "executor": "job",
         "shmSizePerGpu": "16Gi",
         "operatorCredentialsNamespaces": [],
+        "adapterCacheSizeLimit": "10Gi",
+        "vllmShmSize": "4Gi",
+        # A managed server's NetworkPolicy admits its agent port from exactly these pods.
+        "operatorNamespace": "kubelora-system",
+        "operatorPodLabels": {
+            "app.kubernetes.io/name": "kubelora",
+            "app.kubernetes.io/instance": "kl",
+            "app.kubernetes.io/component": "operator",
+        },
     }
     pinned = config_of(
         render(
@@ -302,6 +328,10 @@ NAMESPACED_RULES = {
     ("apps", "deployments", "create"),
     ("apps", "deployments", "patch"),
     ("", "secrets", "get"),
+    ("", "secrets", "create"),
+    ("networking.k8s.io", "networkpolicies", "get"),
+    ("networking.k8s.io", "networkpolicies", "create"),
+    ("networking.k8s.io", "networkpolicies", "patch"),
     ("", "events", "create"),
 }
 CLUSTER_READ_RULES = {
@@ -320,15 +350,13 @@ def test_cluster_mode_rbac_is_least_privilege():
     assert set(granted) == NAMESPACED_RULES | CLUSTER_READ_RULES | {
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
-        *(("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")),
+        # The operator creates its ClusterKopfPeering at startup when it is missing.
+        *(("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch", "create")),
     }
     binding = one(docs, "ClusterRoleBinding", "kl-kubelora")
     assert binding["roleRef"]["name"] == "kl-kubelora"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kl-kubelora", "namespace": "kubelora-system"}]
     assert find(docs, "Role") == [] and find(docs, "RoleBinding") == []
-    peering = one(docs, "ClusterKopfPeering", "kl-kubelora")
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
-    assert find(docs, "KopfPeering") == []
 
 
 def test_aggregated_roles_let_namespace_editors_use_lorajobs():
@@ -355,20 +383,44 @@ def test_namespaced_mode_uses_roles_in_watched_namespaces_only():
     for namespace in ("team-a", "team-b"):
         role = one(docs, "Role", "kl-kubelora", namespace)
         assert set(rules_of(role)) == NAMESPACED_RULES | {
-            ("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")
+            ("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch", "create")
         }
         binding = one(docs, "RoleBinding", "kl-kubelora", namespace)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kl-kubelora"}
         assert binding["subjects"][0]["namespace"] == "kubelora-system"
-        one(docs, "KopfPeering", "kl-kubelora", namespace)
     assert find(docs, "Role", namespace="kubelora-system") == []
-    assert find(docs, "ClusterKopfPeering") == []
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED, {"replicaCount": 2}], ids=["cluster", "namespaced", "replicas"])
+def test_the_chart_renders_no_peering_object_and_no_hook(values):
+    """The operator creates its peering object at startup (kubelora.operator.peering), so a GitOps sync
+    (Argo CD runs Helm hooks as sync hooks, deleting and re-creating them each time) never resets it."""
+    manifest = template(values)
+    assert "KopfPeering" not in {d["kind"] for d in render(values)}
+    assert "helm.sh/hook" not in manifest
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED], ids=["cluster", "namespaced"])
+def test_operator_creates_peering_objects_where_the_chart_grants_create(values):
+    """The places the operator's startup code creates peering objects in, from the chart's own arguments."""
+    peering = pytest.importorskip("kubelora.operator.peering")
+    docs = render(values)
+    args = operator_container(docs)["args"]
+    namespaces = [a.split("=", 1)[1] for a in args if a.startswith("--namespace=")]
+    places = peering.peering_namespaces(namespaces, clusterwide="--all-namespaces" in args)
+    if not values:
+        assert places == [None]
+        assert ("kopf.dev", "clusterkopfpeerings", "create") in rules_of(one(docs, "ClusterRole", "kl-kubelora"))
+    else:
+        assert places == ["team-a", "team-b"]
+        for namespace in places:
+            assert ("kopf.dev", "kopfpeerings", "create") in rules_of(one(docs, "Role", "kl-kubelora", namespace))
+    assert peering.peering_namespaces(["team-a", "team-*", "team-a"], clusterwide=False) == ["team-a"]
 
 
 def test_peering_can_be_turned_off_for_a_single_replica():
     docs = render({"peering": {"enabled": False}})
     assert not [a for a in operator_container(docs)["args"] if a.startswith("--peering")]
-    assert find(docs, "ClusterKopfPeering") == []
     result = run_helm(
         "template", "kl", str(CHART), *set_args({"peering": {"enabled": False}, "replicaCount": 2}), check=False
     )
@@ -380,9 +432,77 @@ def test_standby_replicas_with_peering():
     deployment = one(docs, "Deployment", "kl-kubelora")
     assert deployment["spec"]["replicas"] == 3
     assert "--peering=shared" in operator_container(docs)["args"]
-    one(docs, "ClusterKopfPeering", "shared")
     env = {e["name"]: e for e in operator_container(docs)["env"]}
     assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+SELECTOR = {
+    "app.kubernetes.io/name": "kubelora",
+    "app.kubernetes.io/instance": "kl",
+    "app.kubernetes.io/component": "operator",
+}
+SPREAD_OVER_NODES = {
+    "preferredDuringSchedulingIgnoredDuringExecution": [
+        {
+            "weight": 100,
+            "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": SELECTOR}},
+        }
+    ]
+}
+
+
+def pod_affinity(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return one(docs, "Deployment", "kl-kubelora")["spec"]["template"]["spec"].get("affinity")
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_one_replica_gets_no_disruption_budget_and_no_anti_affinity(replicas):
+    """A budget that keeps one of one pod would block every node drain."""
+    docs = render({"replicaCount": replicas})
+    assert find(docs, "PodDisruptionBudget") == []
+    assert pod_affinity(docs) is None
+
+
+def test_several_replicas_get_a_disruption_budget_and_spread_over_nodes():
+    docs = render({"replicaCount": 2})
+    deployment = one(docs, "Deployment", "kl-kubelora")
+    assert deployment["spec"]["selector"]["matchLabels"] == SELECTOR
+    pdb = one(docs, "PodDisruptionBudget", "kl-kubelora", "kubelora-system")
+    assert pdb["apiVersion"] == "policy/v1"
+    # One replica works, the others stand by: a drain may take every standby but never the last pod.
+    assert pdb["spec"] == {
+        "selector": {"matchLabels": SELECTOR},
+        "minAvailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+    }
+    assert pod_affinity(docs) == {"podAntiAffinity": SPREAD_OVER_NODES}
+
+
+def test_disruption_budget_and_anti_affinity_values():
+    by_max = one(render({"replicaCount": 3, "podDisruptionBudget": {"maxUnavailable": 1}}), "PodDisruptionBudget")
+    assert by_max["spec"]["maxUnavailable"] == 1 and "minAvailable" not in by_max["spec"]
+    share = one(render({"replicaCount": 4, "podDisruptionBudget": {"minAvailable": "50%"}}), "PodDisruptionBudget")
+    assert share["spec"]["minAvailable"] == "50%"
+    both = {"replicaCount": 2, "podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}}
+    result = run_helm("template", "kl", str(CHART), *set_args(both), check=False)
+    assert result.returncode != 0 and "not both" in result.stderr
+
+    off = render({"replicaCount": 2, "podDisruptionBudget": {"enabled": False}, "podAntiAffinity": {"enabled": False}})
+    assert find(off, "PodDisruptionBudget") == [] and pod_affinity(off) is None
+
+    zones = pod_affinity(render({"replicaCount": 2, "podAntiAffinity": {"topologyKey": "topology.kubernetes.io/zone"}}))
+    assert zones is not None
+    (term,) = zones["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "topology.kubernetes.io/zone"
+
+    # The user's own affinity stays; their own podAntiAffinity replaces the chart's.
+    node_affinity = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": {}}]}
+    merged = pod_affinity(render({"replicaCount": 2, "affinity": {"nodeAffinity": node_affinity}}))
+    assert merged == {"nodeAffinity": node_affinity, "podAntiAffinity": SPREAD_OVER_NODES}
+    required = {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname"}]}
+    assert pod_affinity(render({"replicaCount": 2, "affinity": {"podAntiAffinity": required}})) == {
+        "podAntiAffinity": required
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------

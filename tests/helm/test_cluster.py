@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubelora.operator import peering
 from tests.conftest import REPO, wait_for
 from tests.helm.conftest import CHART, KOPF_CRDS, KUBELORA_CRDS, run_helm, set_args, template, unique_release
 
@@ -67,12 +68,13 @@ def adopt_crds(kubectl, release: str, namespace: str) -> None:
 # Server-side dry runs
 
 
-@pytest.mark.parametrize("mode", ["default", "namespaced", "minio"])
+@pytest.mark.parametrize("mode", ["default", "namespaced", "minio", "replicas"])
 def test_server_side_dry_run(mode, kubectl, namespace, other_namespace, chart_crds_in_cluster):
     values: dict[str, Any] = {
         "default": {},
         "namespaced": {"watchNamespaces": [namespace, other_namespace]},
         "minio": {"minio": {"enabled": True}},
+        "replicas": {"replicaCount": 2, "strategy": {"type": "RollingUpdate"}},
     }[mode]
     manifest = template(values, release=unique_release(), namespace=namespace)
     kinds = {d["kind"] for d in yaml.safe_load_all(manifest) if d}
@@ -82,11 +84,13 @@ def test_server_side_dry_run(mode, kubectl, namespace, other_namespace, chart_cr
     applied = result.stdout.splitlines()
     assert all("(server dry run)" in line for line in applied), result.stdout
     assert any(line.startswith("deployment.apps/") for line in applied)
+    # The operator creates its peering objects; the chart has none.
+    assert not any("kopfpeering.kopf.dev/" in line for line in applied), result.stdout
     if mode == "namespaced":
         assert sum(line.startswith("role.rbac.authorization.k8s.io/") for line in applied) == 2
-        assert sum(line.startswith("kopfpeering.kopf.dev/") for line in applied) == 2
     if mode == "minio":
         assert any(line.startswith("persistentvolumeclaim/") for line in applied)
+    assert any(line.startswith("poddisruptionbudget.policy/") for line in applied) == (mode == "replicas")
 
 
 def test_server_rejects_what_the_schema_lets_through(kubectl, namespace, chart_crds_in_cluster):
@@ -135,7 +139,7 @@ def helm_uninstall(devenv, release: str, namespace: str) -> None:
     )
 
 
-def test_install_cluster_mode_then_uninstall_keeps_crds(devenv, kubectl, namespace, chart_crds_in_cluster):
+def test_install_cluster_mode_then_uninstall_keeps_crds(devenv, kubectl, namespace, chart_crds_in_cluster, tmp_path):
     release = unique_release()
     fullname = f"{release}-kubelora"
     adopt_crds(kubectl, release, namespace)
@@ -161,7 +165,8 @@ def test_install_cluster_mode_then_uninstall_keeps_crds(devenv, kubectl, namespa
         assert exists(kubectl, "service", f"{fullname}-metrics", "-n", namespace)
         assert exists(kubectl, "clusterrole", fullname)
         assert exists(kubectl, "clusterrolebinding", fullname)
-        assert exists(kubectl, "clusterkopfpeering", fullname)
+        # The chart leaves the peering object to the operator (no Helm hook for a GitOps sync to re-create).
+        assert not exists(kubectl, "clusterkopfpeering", fullname)
 
         sa = fullname
         assert can_i(kubectl, namespace, sa, "create", "jobs.batch", on=namespace)
@@ -172,11 +177,25 @@ def test_install_cluster_mode_then_uninstall_keeps_crds(devenv, kubectl, namespa
         assert can_i(kubectl, namespace, sa, "create", "deployments.apps", on=namespace)
         assert can_i(kubectl, namespace, sa, "list", "nodes")
         assert can_i(kubectl, namespace, sa, "patch", f"clusterkopfpeerings.kopf.dev/{fullname}")
+        assert can_i(kubectl, namespace, sa, "create", "clusterkopfpeerings.kopf.dev")
+        assert not can_i(kubectl, namespace, sa, "delete", "clusterkopfpeerings.kopf.dev")
+        assert not can_i(kubectl, namespace, sa, "create", "kopfpeerings.kopf.dev", on=namespace)
         assert not can_i(kubectl, namespace, sa, "delete", "nodes")
         assert not can_i(kubectl, namespace, sa, "create", "clusterroles.rbac.authorization.k8s.io")
         assert not can_i(kubectl, namespace, sa, "list", "secrets", on=namespace)
         assert not can_i(kubectl, namespace, sa, "create", "pods", on=namespace)
         assert not can_i(kubectl, namespace, sa, "delete", "lorajobs.kubelora.dev", on=namespace)
+
+        # What the operator does at startup in cluster mode, with the ServiceAccount's own token (running the
+        # whole operator cluster-wide would act on other tests' objects).
+        api = sa_api_client(devenv, kubectl, namespace, sa, tmp_path)
+        try:
+            assert peering.ensure(api, fullname, [None]) == {None: "created"}
+            assert peering.ensure(api, fullname, [None]) == {None: "exists"}, "a second replica finds it"
+        finally:
+            api.close()
+        created = get_json(kubectl, "clusterkopfpeering", fullname)
+        assert created["metadata"]["labels"] == peering.LABELS
     finally:
         helm_uninstall(devenv, release, namespace)
 
@@ -188,7 +207,9 @@ def test_install_cluster_mode_then_uninstall_keeps_crds(devenv, kubectl, namespa
     kubectl("delete", "clusterkopfpeering", fullname, "--ignore-not-found")
 
 
-def test_install_namespaced_mode_without_crds(devenv, kubectl, namespace, other_namespace, chart_crds_in_cluster):
+def test_install_namespaced_mode_without_crds(
+    devenv, kubectl, namespace, other_namespace, chart_crds_in_cluster, tmp_path
+):
     """A second kind of install: the CRDs belong to someone else, the operator watches one other namespace."""
     release = unique_release()
     fullname = f"{release}-kubelora"
@@ -201,7 +222,7 @@ def test_install_namespaced_mode_without_crds(devenv, kubectl, namespace, other_
         assert exists(kubectl, "role", fullname, "-n", watched)
         assert exists(kubectl, "rolebinding", fullname, "-n", watched)
         assert not exists(kubectl, "role", fullname, "-n", namespace)
-        assert exists(kubectl, "kopfpeering", fullname, "-n", watched)
+        assert not exists(kubectl, "kopfpeering", fullname, "-n", watched), "the operator creates it, not the chart"
         assert exists(kubectl, "clusterrole", f"{fullname}-cluster-read")
         assert not exists(kubectl, "clusterrole", fullname)
         wait_for(
@@ -214,6 +235,9 @@ def test_install_namespaced_mode_without_crds(devenv, kubectl, namespace, other_
         assert can_i(kubectl, namespace, sa, "patch", "lorajobs.kubelora.dev", on=watched, subresource="status")
         assert can_i(kubectl, namespace, sa, "get", "secrets", on=watched)
         assert can_i(kubectl, namespace, sa, "patch", f"kopfpeerings.kopf.dev/{fullname}", on=watched)
+        assert can_i(kubectl, namespace, sa, "create", "kopfpeerings.kopf.dev", on=watched)
+        assert not can_i(kubectl, namespace, sa, "create", "kopfpeerings.kopf.dev", on=namespace)
+        assert not can_i(kubectl, namespace, sa, "create", "clusterkopfpeerings.kopf.dev")
         assert can_i(kubectl, namespace, sa, "list", "nodes")
         assert not can_i(kubectl, namespace, sa, "watch", "nodes"), "preflight lists nodes; nothing watches them"
         assert can_i(kubectl, namespace, sa, "list", "customresourcedefinitions.apiextensions.k8s.io")
@@ -224,6 +248,14 @@ def test_install_namespaced_mode_without_crds(devenv, kubectl, namespace, other_
         assert not can_i(kubectl, namespace, sa, "delete", "nodes")
         assert not can_i(kubectl, namespace, sa, "create", "clusterroles.rbac.authorization.k8s.io")
         assert not can_i(kubectl, namespace, sa, "list", "namespaces")
+
+        # Outside the watched namespaces the operator may not create one, and says why instead of idling.
+        api = sa_api_client(devenv, kubectl, namespace, sa, tmp_path)
+        try:
+            with pytest.raises(peering.PeeringError, match=f"KopfPeering {fullname} \\(namespace={namespace}\\): 403"):
+                peering.ensure(api, fullname, [namespace])
+        finally:
+            api.close()
     finally:
         helm_uninstall(devenv, release, namespace)
 
@@ -254,10 +286,31 @@ def service_account_kubeconfig(devenv, kubectl, namespace: str, service_account:
     return path
 
 
+def sa_api_client(devenv, kubectl, namespace: str, service_account: str, tmp_path: Path) -> Any:
+    from kubernetes import config
+
+    path = service_account_kubeconfig(devenv, kubectl, namespace, service_account, tmp_path / "sa-kubeconfig")
+    return config.new_client_from_config(config_file=str(path))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_operator_stops_when_it_cannot_create_its_peering_object(devenv):
+    """Without its peering object kopf would keep the operator paused, silently; it exits and says why instead."""
+    missing = unique_release("kl-missing")
+    command = [
+        sys.executable, "-m", "kubelora.cli", "operator",
+        f"--namespace={missing}", "--peering=kl-nowhere", f"--health-port={free_port()}",
+    ]  # fmt: skip
+    env = {**os.environ, "KUBECONFIG": str(devenv.kubeconfig)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f'Cannot create KopfPeering kl-nowhere (namespace={missing}): 404 namespaces "{missing}" not found' in output
 
 
 @pytest.mark.slow
@@ -277,6 +330,7 @@ def test_operator_runs_under_the_namespaced_rbac(
     process: subprocess.Popen[str] | None = None
     log = tmp_path / "operator.log"
     try:
+        assert not exists(kubectl, "kopfpeering", fullname, "-n", watched)
         kubeconfig = service_account_kubeconfig(devenv, kubectl, namespace, fullname, tmp_path / "kubeconfig")
         config = tmp_path / "config.yaml"
         config.write_text(get_json(kubectl, "configmap", fullname, "-n", namespace)["data"]["config.yaml"])
@@ -298,14 +352,15 @@ def test_operator_runs_under_the_namespaced_rbac(
         with log.open("w") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
 
-        # kopf first retries listing namespaces (the Role does not allow it) and then falls back to the
-        # namespaces it was given, which takes about a minute.
+        # The operator creates the KopfPeering at startup (the chart has none), and kopf then writes its
+        # keep-alive into it: without the object kopf would stay paused and never handle the LoRAJob below.
         wait_for(
             "the operator's keep-alive in the KopfPeering",
             lambda: process.poll() is None and get_json(kubectl, "kopfpeering", fullname, "-n", watched).get("status"),
             timeout=150,
             interval=1,
         )
+        assert get_json(kubectl, "kopfpeering", fullname, "-n", watched)["metadata"]["labels"] == peering.LABELS
         kubectl(
             "create",
             "secret",

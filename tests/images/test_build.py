@@ -187,7 +187,11 @@ def test_agent_answers_health(built: dict[str, str], tmp_path: Path) -> None:
     log = tmp_path / "agent.log"
     with working_container(built["agent"]) as container, log.open("w") as out:
         cmd = run_command(
-            container, config, ["--host", host, "--port", str(port), "--dir", "/adapters"], (f"{adapters}:/adapters",)
+            container,
+            config,
+            ["--host", host, "--port", str(port), "--dir", "/adapters"],
+            (f"{adapters}:/adapters",),
+            {"KUBELORA_AGENT_TOKEN": "image-test-token"},
         )
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -245,9 +249,12 @@ def test_trainer_trains_the_tiny_model_on_the_cpu(built: dict[str, str], tmp_pat
     events = [json.loads(line) for line in (job / "report.jsonl").read_text().splitlines() if line.strip()]
     final = [e for e in events if e["type"] == "result"][-1]
     assert final["training"]["steps"] == 30
-    out = job / "out"
+    hex_digest = final["adapter"]["digest"].removeprefix("sha256:")
+    assert final["adapter"]["uri"] == f"file:///job/out/sha256/{hex_digest}/"
+    out = job / "out" / "sha256" / hex_digest
     raw = (out / "kubelora-manifest.json").read_bytes()
-    assert final["adapter"]["digest"] == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert hex_digest == hashlib.sha256(raw).hexdigest()
+    assert json.loads((job / "out" / "kubelora-latest.json").read_text())["digest"] == final["adapter"]["digest"]
     manifest = json.loads(raw)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {f["path"] for f in manifest["files"]}
     for entry in manifest["files"]:

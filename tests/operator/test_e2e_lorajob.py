@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import random
@@ -12,6 +13,7 @@ import uuid
 import pytest
 import yaml
 
+from kubelora import storage
 from kubelora.devenv import cluster
 from tests.conftest import wait_for
 from tests.operator.harness import (
@@ -242,10 +244,10 @@ def test_adapter_files_stay_unless_the_job_asks_for_their_deletion(operator, kub
     purge["spec"]["output"]["deleteOnJobDeletion"] = True
     for manifest in (keep, purge):
         apply(kubectl, namespace, manifest)
-        name = manifest["metadata"]["name"]
-        minio_client.put_object(bucket, f"adapters/{name}/adapter_model.safetensors", io.BytesIO(b"weights"), 7)
-    wait_phase(kubectl, namespace, "purge", "Training")
-    wait_phase(kubectl, namespace, "keep", "Training")
+    for name in ("purge", "keep"):
+        uid = wait_phase(kubectl, namespace, name, "Training")["metadata"]["uid"]
+        for key in (f"_kubelora/{uid}/progress.json", "checkpoints/checkpoint-5/COMPLETE"):
+            minio_client.put_object(bucket, f"adapters/{name}/{key}", io.BytesIO(b"{}"), 2)
     finalizers = get(kubectl, namespace, "lorajob", "keep")["metadata"].get("finalizers") or []
     assert finalizers == [], "a LoRAJob that keeps its files needs no finalizer"
     kubectl("delete", "lorajob", "keep", "purge", "-n", namespace, "--wait=true", "--timeout=60s")
@@ -254,18 +256,218 @@ def test_adapter_files_stay_unless_the_job_asks_for_their_deletion(operator, kub
         return [o.object_name for o in minio_client.list_objects(bucket, prefix=f"adapters/{name}/", recursive=True)]
 
     assert objects("purge") == []
-    assert objects("keep") == ["adapters/keep/adapter_model.safetensors"]
+    assert len(objects("keep")) == 2
 
 
-def test_deadline_is_enforced(operator, kubectl, namespace, bucket):
-    apply(kubectl, namespace, lorajob_manifest("slow", bucket, activeDeadlineSeconds=60))
-    wait_phase(kubectl, namespace, "slow", "Training")
-    failed = wait_phase(kubectl, namespace, "slow", "Failed", timeout=150)
-    assert failed["status"]["conditions"][-1]["reason"] == "DeadlineExceeded", failed["status"]
-    wait_for(
-        "the Job controller to stop the pod",
-        lambda: not [p for p in pods_of(kubectl, namespace, "slow") if p["status"].get("phase") == "Running"],
+def publish_adapter(minio_client, monkeypatch, workdir, output: str, weights: bytes, job: str) -> dict:
+    """An adapter published by the trainer's own publish step into `output` (sha256/<hex>/ and the pointer)."""
+    from kubelora.api.v1alpha1 import dump
+    from kubelora.trainer import publish
+    from kubelora.trainer.storage import S3Store
+
+    monkeypatch.setattr(publish, "store_for", lambda loc, role=None: S3Store(minio_client))
+    adapter = workdir / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    files = publish.stage(workdir, adapter, "llama", {"eval": {"passed": True}}, [{"prompt": "p", "adapter": "a"}])
+    body = {"kind": publish.MANIFEST_KIND, "job": {"name": job}}
+    artifact = publish.publish(
+        output, files, body, trainable_parameters=5, rank=8, base_identity="llama", workdir=workdir
     )
+    return dump(artifact)
+
+
+def succeed_with(kubectl, minio_client, bucket, namespace, name: str, adapter: dict) -> dict:
+    """Let the LoRAJob's run end with this adapter in its result (what the trainer reports after publishing)."""
+    uid = wait_phase(kubectl, namespace, name, "Training")["metadata"]["uid"]
+    output = get(kubectl, namespace, "lorajob", name)["spec"]["output"]["uri"]
+    prefix = storage.parse_s3(output).key
+    data = json.dumps({"type": "result", "time": "2026-01-01T00:00:00Z", "adapter": adapter}).encode()
+    minio_client.put_object(bucket, f"{prefix}_kubelora/{uid}/result.json", io.BytesIO(data), len(data))
+    finish_pods(kubectl, namespace, job_of(kubectl, namespace, name))
+    done = wait_phase(kubectl, namespace, name, "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded" and done["status"]["adapter"]["digest"] == adapter["digest"]
+    return done
+
+
+def keys(minio_client, bucket, prefix: str) -> set[str]:
+    return {o.object_name for o in minio_client.list_objects(bucket, prefix=prefix, recursive=True)}
+
+
+def test_deleting_a_lorajob_removes_its_own_adapter_and_never_one_in_use(
+    operator, kubectl, namespace, bucket, minio_client, monkeypatch, tmp_path
+):
+    """Two LoRAJobs publish to one output; an AdapterDeployment names the first's digest."""
+    output = f"s3://{bucket}/adapters/shared/"
+    jobs: dict[str, dict] = {}
+    for name in ("first", "second"):
+        manifest = lorajob_manifest(name, bucket)
+        manifest["spec"]["output"].update({"uri": output, "deleteOnJobDeletion": True})
+        apply(kubectl, namespace, manifest)
+        adapter = publish_adapter(minio_client, monkeypatch, tmp_path / name, output, name.encode() * 100, name)
+        done = succeed_with(kubectl, minio_client, bucket, namespace, name, adapter)
+        key = storage.parse_s3(done["status"]["adapter"]["uri"]).key
+        jobs[name] = {**done["status"]["adapter"], "uid": done["metadata"]["uid"], "key": key}
+    first, second = jobs["first"], jobs["second"]
+    assert first["key"] != second["key"] and second["key"].startswith("adapters/shared/sha256/")
+    minio_client.put_object(bucket, "adapters/shared/checkpoints/checkpoint-5/COMPLETE", io.BytesIO(b"{}"), 2)
+    first_files = keys(minio_client, bucket, first["key"])
+    assert len(first_files) == 5  # adapter, config, eval results and samples, manifest
+
+    # An AdapterDeployment pins the first digest (spec.adapter.digest); the operator has seen it once it
+    # holds it with its finalizer.
+    served = {
+        "apiVersion": "kubelora.dev/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "serve"},
+        "spec": {
+            "adapter": {"uri": first["uri"], "digest": first["digest"], "secretRef": {"name": "minio-creds"}},
+            "servedName": "support",
+            "target": {"deploymentName": "vllm", "baseModel": "llama", "agentTokenSecretRef": {"name": "agent"}},
+        },
+    }
+    apply(kubectl, namespace, served)
+    try:
+        wait_for(
+            "the operator to see the AdapterDeployment",
+            lambda: get(kubectl, namespace, "adapterdeployment", "serve")["metadata"].get("finalizers"),
+        )
+
+        # The second LoRAJob goes with its digest directory, its report and the pointer (which names it).
+        kubectl("delete", "lorajob", "second", "-n", namespace, "--wait=true", "--timeout=60s")
+        assert keys(minio_client, bucket, second["key"]) == set()
+        assert keys(minio_client, bucket, f"adapters/shared/_kubelora/{second['uid']}/") == set()
+        assert keys(minio_client, bucket, "adapters/shared/kubelora-latest.json") == set()
+        assert keys(minio_client, bucket, "adapters/shared/checkpoints/") == set()
+        # The first LoRAJob's adapter, in another digest directory under the same output, is untouched.
+        assert keys(minio_client, bucket, first["key"]) == first_files
+        assert keys(minio_client, bucket, f"adapters/shared/_kubelora/{first['uid']}/")
+
+        # The first is in use: kept, and said so (event and condition; a finalizer of ours holds the LoRAJob).
+        hold = '{"metadata": {"finalizers": ["test.kubelora.dev/hold"]}}'
+        kubectl("patch", "lorajob", "first", "-n", namespace, "--type=merge", "-p", hold)
+        kubectl("delete", "lorajob", "first", "-n", namespace, "--wait=false")
+        message = wait_for(
+            "the AdapterInUse event", lambda: warning_events(kubectl, namespace, "first").get("AdapterInUse")
+        )
+        assert f"AdapterDeployment {namespace}/serve (spec.adapter.digest)" in message and first["digest"] in message
+
+        def cleanup_condition() -> dict | None:
+            conditions = get(kubectl, namespace, "lorajob", "first")["status"].get("conditions", [])
+            return next((c for c in conditions if c["type"] == "AdapterDeleted"), None)
+
+        held = wait_for("the AdapterDeleted condition", cleanup_condition)
+        assert held["status"] == "False" and held["reason"] == "AdapterInUse" and first["digest"] in held["message"]
+        wait_for(
+            "the report to be deleted",
+            lambda: not keys(minio_client, bucket, f"adapters/shared/_kubelora/{first['uid']}/"),
+        )
+        assert keys(minio_client, bucket, first["key"]) == first_files
+    finally:
+        unhold = '{"metadata":{"finalizers":null}}'
+        kubectl("patch", "lorajob", "first", "-n", namespace, "--type=merge", "-p", unhold, check=False)
+        kubectl("delete", "adapterdeployment", "serve", "-n", namespace, "--timeout=60s", check=False)
+
+
+def test_a_bucket_root_output_is_never_deleted(operator, kubectl, namespace, bucket, minio_client):
+    manifest = lorajob_manifest("whole-bucket", bucket)
+    manifest["spec"]["output"].update({"uri": f"s3://{bucket}", "deleteOnJobDeletion": True})
+    apply(kubectl, namespace, manifest)
+
+    def finalized() -> bool:
+        meta = get(kubectl, namespace, "lorajob", "whole-bucket")["metadata"]
+        return "kubelora.dev/cleanup" in (meta.get("finalizers") or [])
+
+    wait_for("the cleanup finalizer", finalized)
+    minio_client.put_object(bucket, "checkpoints/checkpoint-5/COMPLETE", io.BytesIO(b"{}"), 2)
+    before = keys(minio_client, bucket, "")
+    kubectl("delete", "lorajob", "whole-bucket", "-n", namespace, "--wait=true", "--timeout=60s")
+    message = wait_for(
+        "the CleanupRefused event", lambda: warning_events(kubectl, namespace, "whole-bucket").get("CleanupRefused")
+    )
+    assert f"s3://{bucket}" in message and "never deletes" in message
+    assert keys(minio_client, bucket, "") == before and "checkpoints/checkpoint-5/COMPLETE" in before
+
+
+def stop_at_deadline(kubectl, namespace, pod, ran_seconds: int) -> None:
+    """Play the kubelet for a pod at its activeDeadlineSeconds (kwok runs no deadlines): the pod fails with
+    DeadlineExceeded, its trainer stopped now after `ran_seconds` of running."""
+    finished = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    started = finished - datetime.timedelta(seconds=ran_seconds)
+    terminated = {
+        "exitCode": 143,
+        "reason": "Error",
+        "startedAt": started.isoformat().replace("+00:00", "Z"),
+        "finishedAt": finished.isoformat().replace("+00:00", "Z"),
+    }
+    status = {
+        "phase": "Failed",
+        "reason": "DeadlineExceeded",
+        "message": "Pod was active on the node longer than the specified deadline",
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "image": pod["spec"]["containers"][0]["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "started": False,
+                "state": {"terminated": terminated},
+            }
+        ],
+    }
+    kubectl(
+        "patch", "pod", pod["metadata"]["name"], "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+
+
+def test_the_deadline_is_per_attempt_and_every_attempts_running_time_is_paid_for(operator, kubectl, namespace, bucket):
+    apply(kubectl, namespace, lorajob_manifest("slow", bucket, activeDeadlineSeconds=60, resources={"gpus": 2}))
+    job = job_of(kubectl, namespace, "slow")
+    # On the pod template, so each attempt gets the whole deadline; the Job itself has none.
+    assert job["spec"]["template"]["spec"]["activeDeadlineSeconds"] == 60
+    assert "activeDeadlineSeconds" not in job["spec"] and job["spec"]["backoffLimit"] == 1
+    wait_phase(kubectl, namespace, "slow", "Training")
+
+    def running_pod(exclude: str = "") -> dict:
+        pods = pods_of(kubectl, namespace, "slow")
+        return next(
+            (p for p in pods if p["status"].get("phase") == "Running" and p["metadata"]["name"] != exclude), None
+        )
+
+    first = wait_for("the first attempt's pod to run", running_pod)
+    stop_at_deadline(kubectl, namespace, first, 60)
+    # The Job controller counts the failed attempt and starts a second, after its back-off.
+    second = wait_for("a second attempt", lambda: running_pod(exclude=first["metadata"]["name"]), timeout=90)
+    seen = wait_for(
+        "the second attempt, and the first one's 2 GPUs x 60 s in status.gpuSeconds",
+        lambda: (
+            (status := get(kubectl, namespace, "lorajob", "slow")["status"]).get("gpuSeconds", 0) >= 120
+            and status.get("attempts") == 2
+            and status
+        ),
+    )
+    assert seen["phase"] in ("Pending", "Training"), seen
+    # The first attempt's pod goes (deleted by hand, by pod GC): what it ran stays paid for.
+    kubectl("delete", "pod", first["metadata"]["name"], "-n", namespace, "--wait=true", "--timeout=60s")
+    stop_at_deadline(kubectl, namespace, second, 60)
+    failed = wait_phase(kubectl, namespace, "slow", "Failed")
+    status = failed["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "DeadlineExceeded", status
+    assert ready["message"].startswith("Attempt 2 exceeded its deadline of 60s (spec.activeDeadlineSeconds"), ready
+    # 2 GPUs x (60 + 60) s of running, the deleted first pod's included, plus at most what the operator saw each
+    # pod run before the test stopped it. The waits (scheduling, the retry's back-off) are free: a cost counted
+    # from the Job's creation would be 2 GPUs x the wall time, under 240.
+    wall = (
+        datetime.datetime.fromisoformat(status["completionTime"].replace("Z", "+00:00"))
+        - datetime.datetime.fromisoformat(job["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    ).total_seconds()
+    assert wall < 120, wall
+    assert 240 <= status["gpuSeconds"] <= 240 + 2 * wall, (status["gpuSeconds"], wall)
+    assert status["costEstimate"].endswith(" USD")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def test_job_requests_gpus_selects_product_and_tolerates_taints():
     ]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert {"key": "team", "operator": "Exists"} in pod["tolerations"]
-    assert job["spec"]["backoffLimit"] == 3 and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["spec"]["backoffLimit"] == 3
+    # The deadline bounds each attempt (the pod), not the Job: retries and time queued for a GPU are not in it.
+    assert pod["activeDeadlineSeconds"] == 3600 and "activeDeadlineSeconds" not in job["spec"]
     assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
 
 
@@ -256,7 +258,8 @@ def test_a_pod_that_just_ended_keeps_the_run_in_progress_until_the_job_says_more
 
 def test_managed_vllm_pods_get_the_configured_agent_image_and_pull_secrets():
     from kubelora.api.v1alpha1 import AdapterDeployment
-    from kubelora.operator.adapterdeployments import Settings, managed_deployment
+    from kubelora.operator.managed_server import managed_deployment
+    from kubelora.operator.server_pods import Settings
 
     ad = AdapterDeployment.model_validate(
         {

@@ -15,7 +15,7 @@ from kubelora.operator import handlers, lorajobs
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.executors import JobExecutor, StartRefusedError
 from kubelora.operator.jobspec import job_name
-from kubelora.operator.observe import Observation, TrainerReport
+from kubelora.operator.observe import Observation, RunLedger, TrainerReport
 from kubelora.operator.preflight import Probe
 from tests.operator.harness import TINY_CONFIG as LLAMA
 from tests.operator.test_jobspec import lorajob
@@ -236,6 +236,7 @@ class FakeBatch:
 def executor_with(status: int | None, jobs: dict[str, list[dict[str, Any]]]) -> JobExecutor:
     executor = JobExecutor.__new__(JobExecutor)
     executor.config, executor.batch = OperatorConfig(), FakeBatch(status)
+    executor.ledger, executor.ledger_pruned_at = RunLedger(), 0.0
     executor.bind(jobs, {})
     return executor
 

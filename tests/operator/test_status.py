@@ -31,11 +31,11 @@ def test_queued_carries_the_scheduler_message():
 
 def test_trainer_phase_and_progress_reach_status():
     report = TrainerReport(phase="Evaluating", progress={"step": 40, "totalSteps": 40, "loss": 0.1})
-    obs = Observation(state="Running", started_at="2026-01-01T00:00:00Z", report=report)
+    obs = Observation(state="Running", started_at="2026-01-01T00:00:00Z", report=report, running_seconds=90)
     status, _ = derive_status(lorajob(), {"phase": "Training"}, obs, OperatorConfig())
     assert status["phase"] == "Evaluating"
     assert status["progress"]["step"] == 40
-    assert status["gpuSeconds"] > 0 and status["costEstimate"].endswith(" USD")
+    assert status["gpuSeconds"] == 180.0 and status["costEstimate"].endswith(" USD")
 
 
 def test_success_needs_a_published_adapter():
@@ -46,8 +46,13 @@ def test_success_needs_a_published_adapter():
 
 def test_cost_uses_the_configured_price_for_the_gpu_type():
     report = TrainerReport(result={"adapter": ADAPTER, "eval": {"passed": True, "gates": []}})
+    # The Job started at midnight but its pods queued for an hour: only the hour the trainer ran is paid for.
     obs = Observation(
-        state="Succeeded", started_at="2026-01-01T00:00:00Z", finished_at="2026-01-01T01:00:00Z", report=report
+        state="Succeeded",
+        started_at="2026-01-01T00:00:00Z",
+        finished_at="2026-01-01T02:00:00Z",
+        report=report,
+        running_seconds=3600,
     )
     config = OperatorConfig(gpu_prices_per_hour={"NVIDIA-A100-SXM4-80GB": 2.5})
     status, _ = derive_status(lorajob(), {"phase": "Evaluating"}, obs, config)

@@ -15,6 +15,7 @@ import yaml
 
 from kubelora import demo
 from kubelora.devenv import podrunner
+from kubelora.operator import peering
 from kubelora.trainer import tiny
 from tests.conftest import wait_for
 from tests.helm.conftest import CHART, run_helm, set_args, unique_release
@@ -59,6 +60,14 @@ def test_chart_operator_from_its_image_trains_and_serves(
         pod = get_operator_pod(kubectl, namespace)
         assert pod["spec"]["serviceAccountName"] == fullname
         assert pod["spec"]["containers"][0]["image"] == images["operator"]
+        # The chart has no peering object: the operator creates its KopfPeering at startup, before kopf's
+        # peering starts (without it kopf would keep the operator paused and nothing below would happen).
+        peering_object = wait_for(
+            "the operator's KopfPeering",
+            lambda: json.loads(kubectl("get", "kopfpeering", fullname, "-n", tenant, "-o", "json").stdout),
+            timeout=60,
+        )
+        assert peering_object["metadata"]["labels"] == peering.LABELS
 
         # A LoRAJob, trained by a Job that the chart's operator created, in a trainer-image pod.
         create_s3_secret(kubectl, tenant, devenv)
@@ -75,6 +84,7 @@ def test_chart_operator_from_its_image_trains_and_serves(
         # An AdapterDeployment onto stand-in vLLM pods whose agent sidecar runs from the agent image.
         config = podrunner.RunnerConfig(workdir=tmp_path / "servers", model_dir=model)
         servers = podrunner.PodRunner(devenv.kubeconfig, config, namespace=tenant).start()
+        kubectl("apply", "-n", tenant, "-f", "-", input=json.dumps(demo.agent_token_secret()))
         kubectl("apply", "-n", tenant, "-f", "-", input=yaml.safe_dump(
             demo.vllm_deployment(uris["base"], replicas=1, agent_image=images["agent"])
         ))  # fmt: skip

@@ -90,11 +90,17 @@ def test_lorajob_trains_in_the_trainer_image_and_status_carries_its_digest(
     assert {"Training", "Succeeded"} <= {e["reason"] for e in events if e["involvedObject"]["name"] == name}
 
     # The digest in status is the sha256 of the manifest the trainer wrote, and every file it lists is there.
-    raw = s3_bytes(minio_client, bucket, f"adapters/{name}/kubelora-manifest.json")
+    # It is in the output's digest directory, sha256/<hex>/, and the pointer beside names it.
+    key = f"adapters/{name}/sha256/{status['adapter']['digest'].removeprefix('sha256:')}"
+    assert status["adapter"]["uri"] == f"s3://{bucket}/{key}/"
+    assert status["eval"]["samplesUri"] == f"s3://{bucket}/{key}/eval/samples.jsonl"
+    raw = s3_bytes(minio_client, bucket, f"{key}/kubelora-manifest.json")
     assert status["adapter"]["digest"] == "sha256:" + hashlib.sha256(raw).hexdigest()
     assert json.loads(raw)["job"]["name"] == name
+    pointer = json.loads(s3_bytes(minio_client, bucket, f"adapters/{name}/kubelora-latest.json"))
+    assert pointer == {**pointer, "digest": status["adapter"]["digest"], "uri": status["adapter"]["uri"]}
     for entry in json.loads(raw)["files"]:
-        data = s3_bytes(minio_client, bucket, f"adapters/{name}/{entry['path']}")
+        data = s3_bytes(minio_client, bucket, f"{key}/{entry['path']}")
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]
     assert status["eval"]["passed"] is True and status["eval"]["adapter"]["exact_match"] >= 0.8
 

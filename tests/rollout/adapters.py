@@ -3,8 +3,8 @@
 Each adapter is a peft LoRA with random non-zero weights on the tiny Llama from ``kubelora.trainer.tiny``,
 so it changes the model's answers. Its eval samples are the trainer's own greedy predictions
 (``kubelora.trainer.evaluate.generate``), and it is published with the trainer's ``publish.stage`` and
-``publish.publish``: adapter files, ``eval/samples.jsonl`` and ``kubelora-manifest.json`` with the
-sha256 of every file; the digest is the manifest's sha256.
+``publish.publish`` into ``<uri>/sha256/<hex>/``: adapter files, ``eval/samples.jsonl`` and
+``kubelora-manifest.json`` with the sha256 of every file; the digest is the manifest's sha256.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ def publish_adapter(
         base={"exact_match": 0.25},
         adapter={"exact_match": 0.9},
         gates=[GateVerdict(metric="exact_match", rule="min", threshold=0.5, value=0.9, passed=True)],
-        samples_uri=uri.rstrip("/") + "/eval/samples.jsonl",
     )
     eval_doc = {"eval": dump(results)}
     files = publish.stage(workdir, adapter_dir, base_model, eval_doc, samples)
@@ -198,6 +197,19 @@ def make_adapters(root: Path, model_dir: Path, bucket: str) -> dict[str, Publish
             samples=samples,
             trainable_parameters=trainable,
             method="dora" if name == "dora" else "lora",
+        )
+    # Two trainings to one output URI, as a re-train writes: each lands under its own sha256/<hex>/.
+    for name, weights in (("retrain-1", "good-a"), ("retrain-2", "good-b")):
+        adapter_dir, samples, trainable = built[weights]
+        made[name] = publish_adapter(
+            root / f"publish-{name}",
+            adapter_dir,
+            f"s3://{bucket}/adapters/retrained/",
+            name=name,
+            rank=8,
+            base_model=BASE_MODEL,
+            samples=samples,
+            trainable_parameters=trainable,
         )
     # Same weights as good-a, but the manifest says another base model.
     adapter_dir, samples, trainable = built["good-a"]

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from kubelora.devenv import cluster, podrunner
-from kubelora.operator.adapterdeployments import MANAGED_LABEL
+from kubelora.operator.managed_server import MANAGED_LABEL
 from kubelora.serving import vllm
 from tests.conftest import REPO, kubectl_runner, wait_for
 from tests.operator.harness import OperatorProcess, create_s3_secret, free_port, install_crds
@@ -47,17 +47,26 @@ RESYNC_SECONDS = "1"
 # AdapterDeployment here names it in spec.target.apiKeySecretRef, and the tests' own calls send it too.
 API_KEY_SECRET = "vllm-api-key"
 API_KEY = f"kubelora-test-{uuid.uuid4().hex}"
+# The 'existing' Deployment's agents read their token from this Secret, named by spec.target.agentTokenSecretRef;
+# managed servers get one the operator generates.
+AGENT_TOKEN_SECRET = "kubelora-agent-token"
+AGENT_TOKEN = f"agent-{uuid.uuid4().hex}"
+OPERATOR_NAMESPACE = "kubelora-system"
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kubelora", "app.kubernetes.io/instance": "kubelora"}
 
 
 class AdapterOperator(OperatorProcess):
     """The AdapterDeployment controller alone, reusing the harness's config, health check, kill and log."""
 
     extra_env: dict[str, str]
+    more_namespaces: tuple[str, ...] = ()  # watched too, as one operator watches every tenant
 
     def start(self) -> None:
         self.health_port = free_port()
         env = {**os.environ, **{k: v for k, v in self.devenv.env().items() if k != "PATH"}, **self.extra_env}
         command = [sys.executable, "-m", "kubelora.operator.adapter_handlers", "--namespace", self.namespace]
+        for namespace in self.more_namespaces:
+            command += ["--namespace", namespace]
         command += ["--config", str(self.config_path), "--health-port", str(self.health_port)]
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -71,9 +80,12 @@ def server_deployment(
     images: dict[str, str],
     max_lora_rank: int = 16,
     api_key_secret: str | None = None,
+    agent_token_secret: str = AGENT_TOKEN_SECRET,
 ) -> dict[str, Any]:
     """An 'existing' vLLM Deployment as a platform team would run it, with kubelora's agent sidecar."""
     secret_env = [
+        {"name": "KUBELORA_AGENT_TOKEN", "valueFrom": {"secretKeyRef": {"name": agent_token_secret, "key": "token"}}}
+    ] + [
         {"name": env, "valueFrom": {"secretKeyRef": {"name": "minio-creds", "key": key}}}
         for env, key in (
             ("AWS_ACCESS_KEY_ID", "accessKey"),
@@ -131,6 +143,7 @@ class RolloutEnv:
     operator: AdapterOperator
     kubectl: Callable[..., subprocess.CompletedProcess[str]]
     images: dict[str, str]
+    tenant_b: str = ""  # a second tenant's namespace, watched by the same operator (test_e2e_tenancy.py)
 
     def apply(self, manifest: dict[str, Any]) -> None:
         self.kubectl("apply", "-n", self.namespace, "-f", "-", input=json.dumps(manifest))
@@ -204,7 +217,8 @@ class RolloutEnv:
             "dataset": {"train": f"s3://{self.bucket}/data/train.jsonl"},
             "training": {"maxSteps": 10},
             "resources": {"gpus": 1},
-            "output": {"uri": adapter.uri, "secretRef": {"name": "minio-creds"}},
+            # The output root; the trainer published the adapter under its sha256/<hex>/.
+            "output": {"uri": adapter.uri.split("sha256/")[0], "secretRef": {"name": "minio-creds"}},
             "eval": {
                 "testSet": f"s3://{self.bucket}/data/test.jsonl",
                 "metrics": ["exact_match"],
@@ -294,6 +308,8 @@ def ad_manifest(
     }
     if api_key:
         target = {**target, "apiKeySecretRef": {"name": API_KEY_SECRET}}
+    if "managed" not in target and "agentTokenSecretRef" not in target:
+        target = {**target, "agentTokenSecretRef": {"name": AGENT_TOKEN_SECRET}}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "AdapterDeployment",
@@ -330,10 +346,11 @@ def served(pod: podrunner.RunningPod) -> dict[str, str]:
     return {card["id"]: card["root"] for card in response.json()["data"]}
 
 
-def agent_files(pod: podrunner.RunningPod) -> set[str]:
+def agent_files(pod: podrunner.RunningPod, token: str = AGENT_TOKEN) -> set[str]:
     import httpx
 
-    response = httpx.get(f"http://{pod.ip}:{pod.agent_port}/v1/adapters", timeout=10)
+    headers = {"Authorization": f"Bearer {token}"}
+    response = httpx.get(f"http://{pod.ip}:{pod.agent_port}/v1/adapters", headers=headers, timeout=10)
     response.raise_for_status()
     return {entry["digest"] for entry in response.json()["adapters"]}
 
@@ -446,12 +463,17 @@ def rollout_env(
     kubectl = kubectl_runner(devenv)
     install_crds(devenv)
     namespace = f"t-rollout-{uuid.uuid4().hex[:8]}"
+    tenant_b = f"{namespace}-b"
     kubectl("create", "namespace", namespace)
+    kubectl("create", "namespace", tenant_b)
     runner: podrunner.PodRunner | None = None
     operator: AdapterOperator | None = None
     try:
         create_s3_secret(kubectl, namespace, devenv)
         kubectl("create", "secret", "generic", API_KEY_SECRET, "-n", namespace, "--from-literal", f"apiKey={API_KEY}")
+        kubectl(
+            "create", "secret", "generic", AGENT_TOKEN_SECRET, "-n", namespace, "--from-literal", f"token={AGENT_TOKEN}"
+        )
         podrunner.ensure_serving_nodes(devenv, 1)
         config = podrunner.RunnerConfig(
             workdir=tmp_path_factory.mktemp("podrunner"),
@@ -467,12 +489,16 @@ def rollout_env(
             tmp_path_factory.mktemp("adapter-operator"),
             vllmImage=images["vllm-cpu"],
             agentImage=images["agent"],
+            # As the chart sets them: managed servers get a NetworkPolicy admitting the agent port from these pods.
+            operatorNamespace=OPERATOR_NAMESPACE,
+            operatorPodLabels=OPERATOR_POD_LABELS,
         )
+        operator.more_namespaces = (tenant_b,)
         operator.extra_env = {
             "KUBELORA_ADAPTER_RESYNC_SECONDS": RESYNC_SECONDS,
             "KUBELORA_POD_CIDRS": "127.0.0.0/8",  # never send traffic to a pod outside loopback
         }
-        env = RolloutEnv(devenv, namespace, adapter_bucket, runner, operator, kubectl, images)
+        env = RolloutEnv(devenv, namespace, adapter_bucket, runner, operator, kubectl, images, tenant_b)
         env.apply(server_deployment(DEPLOYMENT, REPLICAS, {"app": DEPLOYMENT}, images, api_key_secret=API_KEY_SECRET))
         runner.wait_healthy(REPLICAS, timeout=240)
         for pod in env.pods().values():
@@ -482,10 +508,11 @@ def rollout_env(
     finally:
         if operator is not None and operator.process is not None:
             _delete_adapterdeployments(kubectl, namespace)
+            _delete_adapterdeployments(kubectl, tenant_b)
             operator.kill(signal.SIGTERM)
         if runner is not None:
             runner.stop()
-        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        kubectl("delete", "namespace", namespace, tenant_b, "--wait=false", check=False)
 
 
 def _delete_adapterdeployments(kubectl: Callable[..., subprocess.CompletedProcess[str]], namespace: str) -> None:

@@ -1,4 +1,8 @@
-"""The adapter agent: verified, content-addressed downloads (file:// sources; no cluster needed)."""
+"""The adapter agent: verified, content-addressed downloads and its token (no cluster needed).
+
+Storage is a local directory behind the agent's ``Source`` seam, addressed by s3:// URIs; the agent against real
+MinIO and vLLM is in test_e2e_vllm.py and test_e2e_rollout.py.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,38 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from kubelora.serving.agent import AdapterStore, AgentError, build_app
+from kubelora.serving.agent import TOKEN_ENV, AdapterStore, AgentError, build_app, main
+
+TOKEN = "agent-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class DirSource:
+    """s3://bucket/<path> read from ``root/<path>``: the corner cases below without an object store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, uri: str, path: str) -> Path:
+        return self.root / uri.removeprefix("s3://bucket/") / path
+
+    def read(self, uri: str, path: str) -> bytes:
+        local = self._path(uri, path)
+        if not local.is_file():
+            raise AgentError(404, "NotFound", f"{uri}{path} does not exist")
+        return local.read_bytes()
+
+    def download(self, uri: str, path: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(self.read(uri, path))
+
+
+def store_for(tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path / "adapters", DirSource(tmp_path))
 
 
 def publish_dir(root: Path, files: dict[str, bytes], extra_entries: list[dict] | None = None) -> tuple[str, str]:
-    """Files plus a kubelora-manifest.json listing their sha256; returns (file:// uri, digest)."""
+    """Files plus a kubelora-manifest.json listing their sha256; returns (s3:// uri, digest)."""
     entries = []
     for path, data in files.items():
         target = root / path
@@ -23,7 +54,7 @@ def publish_dir(root: Path, files: dict[str, bytes], extra_entries: list[dict] |
         entries.append({"path": path, "sizeBytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = json.dumps({"files": entries + (extra_entries or [])}, sort_keys=True).encode()
     (root / "kubelora-manifest.json").write_bytes(manifest)
-    return f"file://{root}/", "sha256:" + hashlib.sha256(manifest).hexdigest()
+    return f"s3://bucket/{root.name}/", "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
 ADAPTER = {
@@ -35,7 +66,7 @@ ADAPTER = {
 
 def test_download_verifies_every_file_and_is_cached(tmp_path):
     uri, digest = publish_dir(tmp_path / "src", {**ADAPTER, "merged/model.safetensors": b"big"})
-    store = AdapterStore(tmp_path / "adapters")
+    store = store_for(tmp_path)
     entry, cached = asyncio.run(store.ensure(uri, digest))
     assert not cached
     assert entry.path == tmp_path / "adapters" / digest.split(":")[1]
@@ -52,7 +83,7 @@ def test_download_verifies_every_file_and_is_cached(tmp_path):
 
 def test_wrong_digest_is_refused_and_leaves_nothing(tmp_path):
     uri, digest = publish_dir(tmp_path / "src", ADAPTER)
-    store = AdapterStore(tmp_path / "adapters")
+    store = store_for(tmp_path)
     other = "sha256:" + "0" * 64
     with pytest.raises(AgentError) as info:
         asyncio.run(store.ensure(uri, other))
@@ -64,7 +95,7 @@ def test_wrong_digest_is_refused_and_leaves_nothing(tmp_path):
 def test_tampered_file_is_refused_and_leaves_nothing(tmp_path):
     uri, digest = publish_dir(tmp_path / "src", ADAPTER)
     (tmp_path / "src" / "adapter_model.safetensors").write_bytes(b"\x01" * 1000)  # same size, other bytes
-    store = AdapterStore(tmp_path / "adapters")
+    store = store_for(tmp_path)
     with pytest.raises(AgentError) as info:
         asyncio.run(store.ensure(uri, digest))
     assert info.value.reason == "FileDigestMismatch"
@@ -77,7 +108,7 @@ def test_unsafe_manifest_paths_are_refused(tmp_path):
         tmp_path / "src", ADAPTER, extra_entries=[{"path": "../../etc/evil", "sizeBytes": 1, "sha256": "0" * 64}]
     )
     with pytest.raises(AgentError) as info:
-        asyncio.run(AdapterStore(tmp_path / "adapters").ensure(uri, digest))
+        asyncio.run(store_for(tmp_path).ensure(uri, digest))
     assert info.value.reason == "InvalidManifest"
 
 
@@ -85,21 +116,60 @@ def test_http_api(tmp_path):
     uri, digest = publish_dir(tmp_path / "src", ADAPTER)
 
     async def scenario() -> None:
-        async with TestClient(TestServer(build_app(AdapterStore(tmp_path / "adapters")))) as client:
+        async with TestClient(TestServer(build_app(store_for(tmp_path), TOKEN))) as client:
             assert (await client.get("/health")).status == 200
-            response = await client.post("/v1/adapters", json={"uri": uri, "digest": digest})
+            response = await client.post("/v1/adapters", json={"uri": uri, "digest": digest}, headers=AUTH)
             assert response.status == 200
             body = await response.json()
             assert body["digest"] == digest and Path(body["path"]).is_dir() and body["cached"] is False
-            listing = await (await client.get("/v1/adapters")).json()
+            listing = await (await client.get("/v1/adapters", headers=AUTH)).json()
             assert [a["digest"] for a in listing["adapters"]] == [digest]
-            bad = await client.post("/v1/adapters", json={"uri": uri, "digest": "sha256:nothex"})
+            bad = await client.post("/v1/adapters", json={"uri": uri, "digest": "sha256:nothex"}, headers=AUTH)
             assert bad.status == 400 and (await bad.json())["error"]["reason"] == "InvalidDigest"
             missing = await client.post(
-                "/v1/adapters", json={"uri": f"file://{tmp_path}/nope/", "digest": "sha256:" + "1" * 64}
+                "/v1/adapters", json={"uri": "s3://bucket/nope/", "digest": "sha256:" + "1" * 64}, headers=AUTH
             )
             assert missing.status == 404
-            deleted = await client.delete(f"/v1/adapters/{digest.split(':')[1]}")
+            deleted = await client.delete(f"/v1/adapters/{digest.split(':')[1]}", headers=AUTH)
             assert (await deleted.json()) == {"deleted": True}
 
     asyncio.run(scenario())
+
+
+def test_every_call_but_health_needs_the_token(tmp_path):
+    uri, digest = publish_dir(tmp_path / "src", ADAPTER)
+    hex_digest = digest.split(":")[1]
+    calls = [
+        ("GET", "/v1/adapters", None),
+        ("POST", "/v1/adapters", {"uri": uri, "digest": digest}),
+        ("GET", f"/v1/adapters/{hex_digest}", None),
+        ("DELETE", f"/v1/adapters/{hex_digest}", None),
+    ]
+
+    async def scenario() -> None:
+        async with TestClient(TestServer(build_app(store_for(tmp_path), TOKEN))) as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                for method, path, body in calls:
+                    response = await client.request(method, path, json=body, headers=headers)
+                    assert response.status == 401, (method, path, headers)
+                    assert (await response.json())["error"]["reason"] == "Unauthorized"
+            assert not (tmp_path / "adapters" / hex_digest).exists()  # nothing was fetched
+            ok = await client.post("/v1/adapters", json={"uri": uri, "digest": digest}, headers=AUTH)
+            assert ok.status == 200
+
+    asyncio.run(scenario())
+
+
+def test_file_uris_are_refused(tmp_path):
+    """A file:// source would copy any file the pod can read (its ServiceAccount token) into /adapters."""
+    with pytest.raises(AgentError) as info:
+        asyncio.run(AdapterStore(tmp_path / "adapters").ensure("file:///var/run/secrets/", "sha256:" + "2" * 64))
+    assert (info.value.status, info.value.reason) == (400, "UnsupportedURI")
+
+
+def test_the_agent_will_not_start_without_a_token(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert main(["--dir", str(tmp_path / "adapters"), "--port", "0"]) == 2
+    assert TOKEN_ENV in capsys.readouterr().err
+    with pytest.raises(ValueError, match=TOKEN_ENV):
+        build_app(store_for(tmp_path), "")

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from kubelora.operator import adapter_resolution as resolution
 from kubelora.operator import adapterdeployments as ads
+from kubelora.operator import managed_server, server_pods
 from kubelora.operator.config import OperatorConfig
 
 NS = "team"
@@ -20,7 +22,7 @@ BASE = "kubelora/tiny-llama"
 
 
 def publish(root: Path, name: str, answers: list[str], rank: int = 8, base: str = BASE) -> tuple[str, str]:
-    """A file:// adapter with eval samples; returns (uri, digest)."""
+    """An adapter with eval samples, at an s3:// URI that :class:`DirReader` reads from disk; (uri, digest)."""
     directory = root / name
     directory.mkdir(parents=True)
     files = {
@@ -38,7 +40,18 @@ def publish(root: Path, name: str, answers: list[str], rank: int = 8, base: str 
         entries.append({"path": path, "sizeBytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = json.dumps({"baseModel": {"name": base}, "files": entries}).encode()
     (directory / "kubelora-manifest.json").write_bytes(manifest)
-    return f"file://{directory}/", "sha256:" + hashlib.sha256(manifest).hexdigest()
+    return f"s3://bucket{directory}/", "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+class DirReader:
+    """The operator's AdapterReader for ``s3://bucket/<absolute path>``, from the local disk."""
+
+    def read(self, uri: str, credentials: Any) -> bytes:
+        assert uri.startswith("s3://bucket/")
+        path = Path(uri.removeprefix("s3://bucket"))
+        if not path.is_file():
+            raise resolution.AdapterStorageError("NotFound", f"{uri} does not exist")
+        return path.read_bytes()
 
 
 class FakeKube:
@@ -64,7 +77,7 @@ class FakeKube:
         return None
 
     def get_secret(self, namespace: str, name: str) -> dict[str, str]:
-        return {}
+        return {"token": "agent-token"} if name == "agent-token" else {}
 
     def get_deployment(self, namespace: str, name: str) -> dict[str, Any]:
         return {"spec": {"selector": {"matchLabels": {"app": "vllm"}}}}
@@ -128,6 +141,7 @@ def runtime(kube: FakeKube, pods: FakePods) -> ads.Runtime:
     settings = ads.Settings(backoff_base_seconds=0.0, rollout_max_attempts=2)
     rt = ads.Runtime(kube, http=None, config=OperatorConfig(), settings=settings)
     rt.pods = pods  # type: ignore[assignment]
+    rt.reader = DirReader()  # type: ignore[assignment]
 
     async def inline(func: Any, *args: Any) -> Any:
         return func(*args)
@@ -144,7 +158,12 @@ def add(kube: FakeKube, name: str, uri: str, digest: str, *, auto_rollback: bool
         "spec": {
             "adapter": {"uri": uri, "digest": digest},
             "servedName": name,
-            "target": {"deploymentName": "vllm", "baseModel": BASE, "maxLoraRank": 16},
+            "target": {
+                "deploymentName": "vllm",
+                "baseModel": BASE,
+                "maxLoraRank": 16,
+                "agentTokenSecretRef": {"name": "agent-token"},
+            },
             "gatePolicy": {"requireEvalPassed": False},
             "rollout": {"strategy": "Canary", "canaryReplicas": 2, "smokePrompts": 3, "autoRollback": auto_rollback},
         },
@@ -290,10 +309,10 @@ def test_helpers():
             {"key": "canary", "operator": "DoesNotExist"},
         ],
     }
-    assert ads.label_selector(selector) == "app=vllm,tier=gpu,zone in (a,b),!canary"
+    assert server_pods.label_selector(selector) == "app=vllm,tier=gpu,zone in (a,b),!canary"
     assert ads.digest_of_root("/adapters/" + "ab" * 32) == "sha256:" + "ab" * 32
     assert ads.digest_of_root("/models/my-lora") is None
-    assert ads.identity("hf://Meta-Llama/Llama-3.1-8B/") == ads.identity("meta-llama/llama-3.1-8b")
+    assert resolution.identity("hf://Meta-Llama/Llama-3.1-8B/") == resolution.identity("meta-llama/llama-3.1-8b")
     gates = {
         "gates": [
             {
@@ -307,10 +326,12 @@ def test_helpers():
             {"metric": "loss", "passed": True},
         ]
     }
-    assert ads.describe_failed_gates(gates) == "f1 minImprovementOverBase 0.05: adapter 0.61, base 0.6"
+    assert resolution.describe_failed_gates(gates) == "f1 minImprovementOverBase 0.05: adapter 0.61, base 0.6"
     pods = [ads.Pod(n, n, "127.0.0.1", 8000, 8001) for n in ("a", "b", "c")]
     assert [p.name for p in ads.choose_canary(pods, {"c": "sha256:x"}, "sha256:x", 2)] == ["c", "a"]
-    assert ads.managed_name("x" * 60).startswith("x" * 50) and len(ads.managed_name("x" * 60)) <= 63
+    assert (
+        managed_server.managed_name("x" * 60).startswith("x" * 50) and len(managed_server.managed_name("x" * 60)) <= 63
+    )
 
 
 def test_no_secret_means_an_anonymous_read_not_the_operators_keys(monkeypatch):
@@ -322,7 +343,7 @@ def test_no_secret_means_an_anonymous_read_not_the_operators_keys(monkeypatch):
     def creds(config: OperatorConfig, namespace: str, secret: str | None) -> tuple[str, str]:
         rt = runtime(kube, FakePods({}))
         rt.config = config
-        found, problem = asyncio.run(ads._credentials(rt, namespace, secret))
+        found, problem = asyncio.run(resolution._credentials(rt, namespace, secret))
         assert problem is None and found is not None
         return found.access_key, found.secret_key
 

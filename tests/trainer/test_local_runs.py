@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from pathlib import Path
@@ -31,8 +32,12 @@ def test_pvc_instruction_one_epoch_merged(tiny_kit: TinyKit, tmp_path: Path) -> 
     # 152 training rows (5% held out) in batches of 16: 10 steps make one epoch
     assert run.result["training"] == {**run.result["training"], "steps": 10, "totalSteps": 10}
     assert "eval" not in run.result
-    out = pvc / "adapters" / "one"
-    manifest = json.loads((out / "kubelora-manifest.json").read_text())
+    digest = run.result["adapter"]["digest"]
+    out = pvc / "adapters" / "one" / "sha256" / digest.removeprefix("sha256:")
+    assert run.result["adapter"]["uri"] == f"pvc://adapters/one/sha256/{digest.removeprefix('sha256:')}/"
+    raw = (out / "kubelora-manifest.json").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == digest.removeprefix("sha256:")
+    manifest = json.loads(raw)
     paths = {f["path"] for f in manifest["files"]}
     assert {
         "adapter_model.safetensors",
@@ -86,10 +91,28 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_kit: TinyKit, tmp_path: Path)
     assert again.returncode == 0 and [e["step"] for e in again.of("resumed")] == saved
 
 
+def _adapter(tmp_path: Path, weights: bytes) -> list[Any]:
+    from kubelora.trainer import publish
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    (adapter / "adapter_config.json").write_text("{}")
+    return publish.stage(tmp_path, adapter, "org/base", {"eval": {"passed": True}}, [{"prompt": "p"}])
+
+
+PUBLISH_ARGS: dict[str, Any] = {"trainable_parameters": 1, "rank": 1, "base_identity": "org/base"}
+
+
 def test_failed_upload_is_never_a_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubelora.trainer import publish
     from kubelora.trainer.errors import PublishError, StorageError
     from kubelora.trainer.storage import LocalStore
+
+    out = tmp_path / "out"
+    body = {"kind": "AdapterManifest"}
+    earlier = publish.publish(f"file://{out}", _adapter(tmp_path, b"old"), body, workdir=tmp_path, **PUBLISH_ARGS)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     class Flaky(LocalStore):
         calls = 0
@@ -101,22 +124,38 @@ def test_failed_upload_is_never_a_success(tmp_path: Path, monkeypatch: pytest.Mo
             return super().upload(path, loc, **kw)
 
     monkeypatch.setattr(publish, "store_for", lambda loc, role=None: Flaky())
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / publish.MANIFEST).write_text('{"old": true}')  # an earlier attempt's manifest
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
-    (adapter / "adapter_config.json").write_text("{}")
-    files = publish.stage(tmp_path, adapter, "org/base", None, None)
     with pytest.raises(PublishError, match="connection reset"):
-        publish.publish(
-            f"file://{out}",
-            files,
-            {"kind": "AdapterManifest"},
-            trainable_parameters=1,
-            rank=1,
-            base_identity="org/base",
-            workdir=tmp_path,
-        )
-    assert not (out / publish.MANIFEST).exists()
+        publish.publish(f"file://{out}", _adapter(tmp_path, b"new"), body, workdir=tmp_path, **PUBLISH_ARGS)
+    # no manifest in the new digest directory, the pointer still names the earlier adapter, which is untouched
+    [new_dir] = [d for d in (out / "sha256").iterdir() if d.name != earlier.digest.removeprefix("sha256:")]
+    assert not (new_dir / publish.MANIFEST).exists()
+    assert json.loads((out / publish.POINTER).read_text())["digest"] == earlier.digest
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and new_dir not in p.parents} == before
+
+
+def test_publish_is_content_addressed_and_idempotent(tmp_path: Path) -> None:
+    from kubelora.trainer import publish
+
+    out = tmp_path / "out"
+    body = {"kind": "AdapterManifest", "job": {"name": "j", "namespace": "ns"}}
+    files = _adapter(tmp_path, b"weights")
+    first = publish.publish(f"file://{out}", files, body, workdir=tmp_path, **PUBLISH_ARGS)
+    hex_digest = first.digest.removeprefix("sha256:")
+    assert first.uri == f"file://{out}/sha256/{hex_digest}/"
+    manifest = (out / "sha256" / hex_digest / publish.MANIFEST).read_bytes()
+    assert hashlib.sha256(manifest).hexdigest() == hex_digest
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        publish.POINTER,
+        *(f"sha256/{hex_digest}/{name}" for name in sorted([*(f.path for f in files), publish.MANIFEST])),
+    ]
+    again = publish.publish(f"file://{out}", files, body, workdir=tmp_path, **PUBLISH_ARGS)
+    assert again == first and (out / "sha256" / hex_digest / publish.MANIFEST).read_bytes() == manifest
+    assert [d.name for d in (out / "sha256").iterdir()] == [hex_digest]
+    pointer = json.loads((out / publish.POINTER).read_text())
+    assert pointer == {**pointer, "kind": "AdapterPointer", "digest": first.digest, "uri": first.uri}
+    assert pointer["job"] == {"name": "j", "namespace": "ns"} and pointer["createdAt"]
+    assert publish.samples_uri(first) == first.uri + "eval/samples.jsonl"
+    # other content, another directory beside the first; the pointer moves to it
+    other = publish.publish(f"file://{out}", _adapter(tmp_path, b"other"), body, workdir=tmp_path, **PUBLISH_ARGS)
+    assert other.digest != first.digest and (out / "sha256" / hex_digest / publish.MANIFEST).read_bytes() == manifest
+    assert json.loads((out / publish.POINTER).read_text())["digest"] == other.digest

@@ -63,6 +63,8 @@ def test_qlora_end_to_end_on_cpu(
     assert ev["base"]["exact_match"] <= 0.3
     assert ev["adapter"]["exact_match"] >= 0.8
     assert ev["adapterTrainingPrecision"]["exact_match"] >= 0.8
-    manifest = s3_json(minio_client, bucket, "q/kubelora-manifest.json")
+    key = f"q/sha256/{run.result['adapter']['digest'].removeprefix('sha256:')}"
+    assert run.result["adapter"]["uri"] == f"s3://{bucket}/{key}/"
+    manifest = s3_json(minio_client, bucket, f"{key}/kubelora-manifest.json")
     assert manifest["adapter"]["trainingPrecision"] == "nf4" and manifest["adapter"]["method"] == "qlora"
-    assert s3_json(minio_client, bucket, "q/eval/results.json")["servingPrecision"] == "bf16"
+    assert s3_json(minio_client, bucket, f"{key}/eval/results.json")["servingPrecision"] == "bf16"

@@ -105,6 +105,8 @@ _QUANTITY = (
 )
 
 StorageUri = Annotated[str, Field(pattern=r"^(s3|pvc|hf|file)://.+", max_length=2048)]
+# What an AdapterDeployment may name: the operator reads it itself, and never reads pods' paths (file://, pvc://).
+S3Uri = Annotated[str, Field(pattern=r"^s3://.+", max_length=2048)]
 ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)]
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$", max_length=71)]
 
@@ -204,6 +206,15 @@ class SecretKeyRef(Model):
     name: ObjectName = Field(description="Name of a Secret in the object's own namespace")
     key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = Field(
         default="apiKey", description="The key in the Secret"
+    )
+
+
+class TokenSecretKeyRef(Model):
+    """A key of a Secret in the object's own namespace that holds a bearer token."""
+
+    name: ObjectName = Field(description="Name of a Secret in the object's own namespace")
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = Field(
+        default="token", description="The key in the Secret"
     )
 
 
@@ -352,8 +363,10 @@ class OutputTarget(Model):
     )
     delete_on_job_deletion: bool = Field(
         default=False,
-        description="Remove the adapter files when the LoRAJob is deleted. The one spec field that may change "
-        "after creation: it is read only when the LoRAJob is deleted",
+        description="When the LoRAJob is deleted, remove what it wrote under the output: its sha256/<hex>/ "
+        "directory (kept while an AdapterDeployment serves or may roll back to it), its reports and checkpoints, "
+        "and the pointer if it names this adapter; never other jobs' adapters or a bucket root. The one spec field "
+        "that may change after creation: it is read only when the LoRAJob is deleted",
     )
 
 
@@ -494,7 +507,9 @@ class LoRAJobSpec(Model):
     )
     active_deadline_seconds: Annotated[int, Field(ge=60)] | None = Field(
         default=None,
-        description="Wall-clock limit of one training attempt, in seconds",
+        description="Wall-clock limit of each training attempt (the trainer pod's activeDeadlineSeconds), in "
+        "seconds, counted from when a node takes the pod: time queued for a GPU is not in it. An attempt that "
+        "runs longer is stopped (DeadlineExceeded) and counts against retries",
         json_schema_extra=immutable("spec.activeDeadlineSeconds"),
     )
 
@@ -615,8 +630,15 @@ class LoRAJobStatus(Model):
     adapter: AdapterArtifact | None = Field(default=None, description="The published adapter")
     start_time: str | None = Field(default=None, description="RFC 3339 time the first attempt started")
     completion_time: str | None = Field(default=None, description="RFC 3339 time the job finished")
-    gpu_seconds: float | None = Field(default=None, description="GPU time used by all attempts")
-    cost_estimate: str | None = Field(default=None, description="Estimated cost, e.g. 12.40 USD")
+    gpu_seconds: float | None = Field(
+        default=None,
+        description="GPUs requested times the seconds the trainer container ran, summed over every attempt; time "
+        "queued, pulling the image or between attempts is not counted. Never decreases while the job runs",
+    )
+    cost_estimate: str | None = Field(
+        default=None,
+        description="gpuSeconds / 3600 times the operator's price per GPU-hour for the GPU type, e.g. 12.40 USD",
+    )
     estimate: dict[str, Any] | None = Field(
         default=None,
         description="Preflight estimate of memory, GPU-hours and cost (kubelora.trainer.estimate, camelCase keys); "
@@ -650,7 +672,11 @@ class AdapterSource(Model):
     )
 
     lora_job: ObjectName | None = Field(default=None, description="A LoRAJob in the same namespace")
-    uri: StorageUri | None = Field(default=None, description="Adapter files; needs digest")
+    uri: S3Uri | None = Field(
+        default=None,
+        description="Adapter files in S3 (the directory with kubelora-manifest.json, or an output URI whose "
+        "sha256/<hex>/ holds the digest); needs digest. The operator and the agent read only s3://",
+    )
     digest: Digest | None = Field(default=None, description="Expected manifest digest, sha256:<hex>")
     secret_ref: SecretRef | None = Field(default=None, description="S3 credentials: keys accessKey and secretKey")
 
@@ -684,6 +710,14 @@ class ServingTarget(Model):
             message="spec.target: set exactly one of deploymentName, selector or managed",
             check=lambda t: sum(v is not None for v in (t.deployment_name, t.selector, t.managed)) == 1,
         ),
+        Rule(
+            cel="has(self.managed) || has(self.agentTokenSecretRef)",
+            message="spec.target.agentTokenSecretRef: is required for deploymentName and selector targets "
+            "(the Secret your pods' kubelora-agent reads its token from)",
+            check=lambda t: t.managed is not None or t.agent_token_secret_ref is not None,
+            field_path=".agentTokenSecretRef",
+            reason="FieldValueRequired",
+        ),
     )
 
     deployment_name: ObjectName | None = Field(default=None, description="An existing vLLM Deployment")
@@ -700,6 +734,11 @@ class ServingTarget(Model):
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="vLLM's --api-key, sent as a bearer token on every call the operator makes to the servers",
+    )
+    agent_token_secret_ref: TokenSecretKeyRef | None = Field(
+        default=None,
+        description="The kubelora-agent's token (its KUBELORA_AGENT_TOKEN), sent on every call to the agent. "
+        "Required for deploymentName and selector targets; managed servers get a generated Secret",
     )
 
 

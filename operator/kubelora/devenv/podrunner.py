@@ -679,6 +679,7 @@ class PodRunner:
         for flag, value in flags.items():
             argv = _replace_flag(argv, flag, value)
         name = kubelet.container_name(self._token, meta["namespace"], meta["name"], container["name"], meta["uid"])
+        mounts = mounts + _scratch_mounts(pod, container)
         return ImageProc(
             role,
             [],
@@ -724,6 +725,29 @@ class PodRunner:
                             proc.next_start = 0.0
                             proc.restarts += 1
                             proc.start()
+
+
+def _scratch_mounts(pod: dict[str, Any], container: dict[str, Any]) -> list[tuple[Path, str, bool]]:
+    """The container's disk-backed emptyDirs (a writable HOME, caches), as directories beside the pod's adapters.
+
+    The agent's own emptyDirs are the adapter directory, which serving mode shares at a fixed host path instead;
+    memory-backed ones (/dev/shm) are left to buildah, which gives every container its own.
+    """
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    agent = _container(pod, AGENT_CONTAINER) or {}
+    agent_volumes = {m["name"] for m in agent.get("volumeMounts") or []}
+    root = shared_adapters_dir(pod["metadata"]["uid"]).parent / "volumes"
+    mounts = []
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes.get(mount["name"]) or {}
+        empty = volume.get("emptyDir")
+        if empty is None or empty.get("medium") == "Memory" or mount["name"] in agent_volumes:
+            continue
+        host = root / mount["name"]
+        host.mkdir(parents=True, exist_ok=True)
+        host.chmod(0o777)
+        mounts.append((host, str(mount["mountPath"]), bool(mount.get("readOnly"))))
+    return mounts
 
 
 @dataclasses.dataclass
@@ -892,10 +916,11 @@ async def _serve_fake(args: argparse.Namespace) -> None:
     runners = []
     apps = [(fake_vllm_app(args.max_lora_rank), args.port)]
     if args.agent_port:
-        from kubelora.serving.agent import AdapterStore, build_app, preload
+        from kubelora.serving.agent import TOKEN_ENV, AdapterStore, build_app, preload
 
         preload()
-        apps.append((build_app(AdapterStore(Path(args.agent_dir))), args.agent_port))
+        # The agent container's env (its token from the pod's Secret) is merged into this process's env.
+        apps.append((build_app(AdapterStore(Path(args.agent_dir)), os.environ.get(TOKEN_ENV, "")), args.agent_port))
     for app, port in apps:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -1,7 +1,7 @@
 """Build the upstream programs the local environment runs, from pinned versions, with Go.
 
 There is no Docker engine and no binary downloads here, so etcd, the Kubernetes control
-plane, kwok, MinIO, Helm and actionlint are compiled through the Go module proxy that
+plane, kwok, MinIO, Helm, actionlint and glua are compiled through the Go module proxy that
 ``go env GOPROXY`` names, and cached by version under ``$XDG_CACHE_HOME/kubelora/bin``. A warm
 cache makes every build a no-op.
 """
@@ -25,6 +25,9 @@ KWOK_VERSION = "v0.8.0"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
 HELM_VERSION = "v3.22.0"
 ACTIONLINT_VERSION = "v1.7.12"
+# gopher-lua, the Lua interpreter Argo CD embeds for resource health checks; v1.1.1 is the release
+# Argo CD's own go.mod requires.
+GLUA_VERSION = "v1.1.1"
 
 
 def cache_root() -> Path:
@@ -64,7 +67,9 @@ MINIO = Tool("minio", MINIO_VERSION, ("minio",))
 HELM = Tool("helm", HELM_VERSION, ("helm",))
 # Lints .github/workflows (tests/images/test_release_workflow.py).
 ACTIONLINT = Tool("actionlint", ACTIONLINT_VERSION, ("actionlint",))
-ALL_TOOLS = (ETCD, KUBERNETES, KWOK, MINIO, HELM, ACTIONLINT)
+# Runs the Argo CD health checks of docs/gitops.md (tests/helm/test_gitops_lua.py).
+GLUA = Tool("glua", GLUA_VERSION, ("glua",))
+ALL_TOOLS = (ETCD, KUBERNETES, KWOK, MINIO, HELM, ACTIONLINT, GLUA)
 
 
 def _go_env() -> dict[str, str]:
@@ -206,6 +211,7 @@ BUILDERS = {
     "minio": _go_install(["github.com/minio/minio"]),
     "helm": _go_install(["helm.sh/helm/v3/cmd/helm"]),
     "actionlint": _go_install(["github.com/rhysd/actionlint/cmd/actionlint"]),
+    "glua": _go_install(["github.com/yuin/gopher-lua/cmd/glua"]),
 }
 
 

@@ -43,6 +43,13 @@ class OperatorConfig(BaseModel):
     operator_credentials_namespaces: list[str] = Field(default_factory=list)
     # Pull Secrets (names, in each tenant namespace) for the trainer Jobs and managed vLLM pods.
     image_pull_secrets: list[str] = Field(default_factory=list)
+    # Managed vLLM servers: the agent's adapter directory (an emptyDir) and vLLM's memory-backed /dev/shm.
+    adapter_cache_size_limit: str = "10Gi"
+    vllm_shm_size: str = "4Gi"
+    # Where the operator's own pods run and their labels (the chart fills both): a managed server's NetworkPolicy
+    # admits its agent port only from them. Unset (the operator runs outside the cluster): no NetworkPolicy.
+    operator_namespace: str | None = None
+    operator_pod_labels: dict[str, str] = Field(default_factory=dict)
 
     def price_per_hour(self, gpu_type: str | None) -> float:
         if gpu_type and gpu_type in self.gpu_prices_per_hour:

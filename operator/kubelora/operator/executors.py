@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,7 +20,14 @@ from kubelora.api.v1alpha1 import LoRAJob
 from kubelora.operator import names
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.jobspec import EXIT_CONFIG_ERROR, build_job, spec_annotation
-from kubelora.operator.observe import Observation, TrainerReport
+from kubelora.operator.observe import (
+    Observation,
+    RunLedger,
+    TrainerReport,
+    container_runs,
+    running_seconds,
+    seconds_between,
+)
 
 #: The trainer mirrors its report under ``<output>/_kubelora/<LoRAJob UID>/`` (docs/trainer.md), so a LoRAJob
 #: re-created under the same name and output never reads the report of the run before it.
@@ -28,6 +36,10 @@ REPORT_PREFIX = "_kubelora/"
 CONTAINER_ERRORS = frozenset(
     {"CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff", "InvalidImageName"}
 )
+#: The reason of a pod the kubelet stopped at its activeDeadlineSeconds, and of a LoRAJob whose last attempt it was.
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+#: The container whose running time is the run's GPU time.
+TRAINER_CONTAINER = "trainer"
 
 
 class StartRefusedError(Exception):
@@ -79,9 +91,9 @@ def read_s3_report(lorajob: LoRAJob, credentials: dict[str, str], files: tuple[s
 
 def _pod_observation(pods: list[dict[str, Any]]) -> tuple[str, str, str] | None:
     """(state, reason, message) from the newest pod, when it says more than the Job does."""
-    if not pods:
+    pod = _newest(pods)
+    if pod is None:
         return None
-    pod = max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
     status = pod.get("status") or {}
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
@@ -122,8 +134,17 @@ def _termination_message(pods: list[dict[str, Any]]) -> tuple[str, str]:
     return "", ""
 
 
-def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observation:
-    """Map a Job and its pods to an Observation (pure; unit-tested without a cluster)."""
+def _newest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+
+
+def observe_job(
+    job: dict[str, Any] | None, pods: list[dict[str, Any]], deadline_seconds: int | None = None
+) -> Observation:
+    """Map a Job and its pods to an Observation (pure; unit-tested without a cluster).
+
+    `deadline_seconds` is the pods' activeDeadlineSeconds, only for the message of an attempt that exceeded it.
+    """
     if job is None:
         return Observation(state="NotStarted")
     status = job.get("status") or {}
@@ -131,6 +152,7 @@ def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Obser
     attempts = int(status.get("failed") or 0) + int(status.get("active") or 0) + int(status.get("succeeded") or 0)
     conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
     base = Observation(state="Pending", attempts=attempts, started_at=status.get("startTime"), run_name=name)
+    base.running_seconds = running_seconds(pods, TRAINER_CONTAINER)
     if "Complete" in conditions:
         base.state = "Succeeded"
         base.finished_at = status.get("completionTime") or conditions["Complete"].get("lastTransitionTime")
@@ -142,6 +164,16 @@ def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Obser
         base.reason = trainer_reason or failed.get("reason") or "JobFailed"
         base.message = "; ".join(m for m in (detail, failed.get("message") or "") if m)
         base.finished_at = failed.get("lastTransitionTime")
+        newest = _newest(pods)
+        if newest is not None and (newest.get("status") or {}).get("reason") == DEADLINE_EXCEEDED:
+            # The kubelet stopped the last attempt at its deadline; the trainer only saw a SIGTERM ("Interrupted").
+            limit = f" of {deadline_seconds}s" if deadline_seconds else ""
+            stopped = (
+                f"Attempt {attempts or 1} exceeded its deadline{limit} (spec.activeDeadlineSeconds, which applies "
+                "to each attempt) and was stopped"
+            )
+            base.reason = DEADLINE_EXCEEDED
+            base.message = "; ".join(m for m in (stopped, detail, failed.get("message") or "") if m)
         return base
     pod_state = _pod_observation(pods)
     if pod_state is not None:
@@ -156,6 +188,9 @@ class JobExecutor:
     (ownerReferences), never by name or label: a Job that only looks like ours is not ours.
     """
 
+    #: How often the run ledger forgets the Jobs that are gone, in seconds.
+    LEDGER_PRUNE_INTERVAL = 300.0
+
     def __init__(self, api_client: Any, config: OperatorConfig) -> None:
         from kubernetes import client
 
@@ -163,6 +198,8 @@ class JobExecutor:
         self.config = config
         self.jobs: Any = {}
         self.pods: Any = {}
+        self.ledger = RunLedger()
+        self.ledger_pruned_at = time.monotonic()
 
     def bind(self, jobs: Any, pods: Any) -> None:
         """Read Jobs (by LoRAJob UID) and pods (by Job UID) from these mappings (kopf indexes)."""
@@ -200,7 +237,12 @@ class JobExecutor:
     def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation:
         job = self._job(lorajob)
         pods = list(self.pods.get(job["metadata"].get("uid"), [])) if job is not None else []
-        observation = observe_job(job, pods)
+        observation = observe_job(job, pods, lorajob.spec.active_deadline_seconds)
+        if job is not None:
+            # Every run seen of this Job, including those whose pods are gone since.
+            job_uid = str(job["metadata"].get("uid") or job["metadata"]["name"])
+            observation.running_seconds = self.ledger.record(job_uid, container_runs(pods, TRAINER_CONTAINER))
+        self._prune_ledger()
         if observation.state == "Succeeded":
             observation.report = read_s3_report(lorajob, credentials, ("progress.json", "result.json"))
         elif observation.state == "Failed":
@@ -210,6 +252,17 @@ class JobExecutor:
         elif observation.state == "Running" and read_progress:
             observation.report = read_s3_report(lorajob, credentials, ("progress.json",))
         return observation
+
+    def _prune_ledger(self) -> None:
+        if time.monotonic() - self.ledger_pruned_at < self.LEDGER_PRUNE_INTERVAL:
+            return
+        self.ledger_pruned_at = time.monotonic()
+        live = {
+            str(job["metadata"].get("uid") or job["metadata"]["name"])
+            for store in list(self.jobs.values())
+            for job in list(store)
+        }
+        self.ledger.retain(live)
 
     def read_outcome(self, lorajob: LoRAJob, credentials: dict[str, str]) -> TrainerReport:
         """The run's own terminal report, for a run whose Job is gone."""
@@ -304,6 +357,8 @@ class LocalExecutor:
         attempts = self._attempts(run_dir)
         observation = Observation(state="Running", attempts=attempts, run_name=run_dir.name, report=report)
         observation.started_at = _iso_mtime(run_dir / "lorajob.json")
+        # Attempts run back to back with no queue in between: the run time is the time since the first started.
+        observation.running_seconds = seconds_between(observation.started_at, None)
         code = self._exit_code(run_dir)
         if code is None:
             if self._pid(run_dir) is None:
@@ -314,6 +369,7 @@ class LocalExecutor:
         if code == 0:
             observation.state = "Succeeded"
             observation.finished_at = _iso_mtime(run_dir / "exit-code")
+            observation.running_seconds = seconds_between(observation.started_at, observation.finished_at)
             return observation
         retryable = code != EXIT_CONFIG_ERROR and attempts <= lorajob.spec.retries
         if retryable:
@@ -329,6 +385,7 @@ class LocalExecutor:
             "message"
         ) or f"Trainer exited with code {code} after {attempts} attempt(s)"
         observation.finished_at = _iso_mtime(run_dir / "exit-code") if (run_dir / "exit-code").exists() else None
+        observation.running_seconds = seconds_between(observation.started_at, observation.finished_at)
         return observation
 
     def read_outcome(self, lorajob: LoRAJob, credentials: dict[str, str]) -> TrainerReport:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -218,12 +219,20 @@ def resync_one(body: dict[str, Any], memo: Any) -> None:
     meta = body["metadata"]
     try:
         if status_patch:
+            # Conditional on the version this pass read: a handler may have written status since (preflight's
+            # conditions, say), and a pass over an older copy must not overwrite it. 409: the next pass has it.
+            patch: dict[str, Any] = {"status": status_patch}
+            if meta.get("resourceVersion"):
+                patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
             client.CustomObjectsApi(memo.api_client).patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], "lorajobs", meta["name"], {"status": status_patch}
+                GROUP, VERSION, meta["namespace"], "lorajobs", meta["name"], patch
             )
         for event in events:
             post_event(memo.api_client, body, event)
     except ApiException as exc:
+        if exc.status == 409:
+            log.debug("Skipped a stale resync lorajob=%s/%s", meta.get("namespace"), meta.get("name"))
+            return
         if exc.status != 404:  # deleted meanwhile
             raise
 
@@ -282,25 +291,207 @@ def _deletes_outputs(spec: Any, **_: Any) -> bool:
     return bool((spec.get("output") or {}).get("deleteOnJobDeletion"))
 
 
+ADAPTERDEPLOYMENTS = (GROUP, VERSION, "adapterdeployments")
+#: Where an AdapterDeployment names a digest. A digest named in any of them is never deleted with its LoRAJob.
+DIGEST_REFERENCES = (
+    ("spec.adapter.digest", ("spec", "adapter", "digest")),
+    ("status.activeDigest", ("status", "activeDigest")),
+    ("status.previousDigest", ("status", "previousDigest")),
+)
+#: The condition a LoRAJob being deleted gets when its adapter is kept because it is in use.
+CLEANUP_CONDITION = "AdapterDeleted"
+
+
+def digest_references(body: Mapping[str, Any]) -> dict[str, tuple[str, str, str]]:
+    """The digests an AdapterDeployment names: digest -> (namespace, name, the fields that name it)."""
+    meta = body.get("metadata") or {}
+    found: dict[str, list[str]] = {}
+    for field, path in DIGEST_REFERENCES:
+        node: Any = body
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(node, str) and node:
+            found.setdefault(node, []).append(field)
+    return {d: (str(meta.get("namespace") or ""), str(meta.get("name") or ""), ", ".join(f)) for d, f in found.items()}
+
+
+# Read from the watch stream, so the check needs no call and no permission beyond list/watch.
+@kopf.index(*ADAPTERDEPLOYMENTS)
+def adapterdeployment_digests(body: kopf.Body, **_: Any) -> dict[str, tuple[str, str, str]]:
+    return digest_references(body)
+
+
+@dataclasses.dataclass
+class Cleanup:
+    """What deleting a LoRAJob removes from its output (only what is this LoRAJob's), and what it keeps."""
+
+    adapter: storage.S3Location | None = None  # its digest directory; None: none published, or it is kept
+    digest: str | None = None
+    pointer: storage.S3Location | None = None  # removed only while it names `digest`
+    prefixes: list[storage.S3Location] = dataclasses.field(default_factory=list)  # report dir, checkpoints
+    events: list[lorajobs.Event] = dataclasses.field(default_factory=list)
+    in_use: lorajobs.Event | None = None  # set when an AdapterDeployment keeps the adapter
+
+
+def plan_cleanup(
+    lorajob: LoRAJob,
+    status: Mapping[str, Any],
+    references: Any,
+    sharing: list[str],
+) -> Cleanup:
+    """What to delete under an s3:// output with a key prefix (the caller checks that).
+
+    `references` maps a digest to the AdapterDeployments that name it ((namespace, name, fields) each);
+    `sharing` names the unfinished LoRAJobs that write to the same output (they need the checkpoints).
+    """
+    uri = lorajob.spec.output.uri
+    output = storage.parse_s3(uri)
+    plan = Cleanup()
+    adapter = status.get("adapter") or {}
+    digest = str(adapter.get("digest") or "")
+    if digest:
+        try:
+            expected = storage.digest_dir(uri, digest)
+        except ValueError:
+            expected = ""
+        users = sorted(set(references.get(digest, ()) or ())) if expected else []
+        published = str(adapter.get("uri") or "")
+        if not expected or published.rstrip("/") + "/" != expected:
+            plan.events.append(
+                lorajobs.Event(
+                    "Warning",
+                    "AdapterLeft",
+                    f"Left the adapter {digest} at {published}: not a digest directory of {uri} "
+                    "(published by an older trainer?); delete it by hand",
+                )
+            )
+        elif users:
+            names = "; ".join(f"AdapterDeployment {ns}/{name} ({fields})" for ns, name, fields in users)
+            plan.in_use = lorajobs.Event(
+                "Warning",
+                "AdapterInUse",
+                f"Kept the adapter {digest} at {expected}, in use by {names}; deleted the rest",
+            )
+            plan.events.append(plan.in_use)
+        else:
+            plan.adapter = storage.parse_s3(expected)
+            plan.digest = digest
+            plan.pointer = output.child(storage.POINTER)
+    if lorajob.metadata.uid:
+        plan.prefixes.append(output.child(f"{storage.REPORTS_DIR}/{lorajob.metadata.uid}"))
+    if sharing:
+        plan.events.append(
+            lorajobs.Event(
+                "Normal",
+                "CheckpointsKept",
+                f"Kept the checkpoints under {uri}: LoRAJob {', '.join(sharing)} writes to the same output",
+            )
+        )
+    else:
+        plan.prefixes.append(output.child(storage.CHECKPOINTS_DIR))
+    return plan
+
+
+def run_cleanup(client: Any, plan: Cleanup) -> int:
+    """Delete what `plan` names; returns the objects removed (prefixes and the pointer)."""
+    count = 0
+    if plan.adapter is not None and plan.pointer is not None:
+        try:
+            pointer = storage.read_json(client, plan.pointer)
+        except ValueError:
+            pointer = None  # not JSON: not a pointer to this adapter
+        if isinstance(pointer, dict) and pointer.get("digest") == plan.digest:
+            storage.delete_object(client, plan.pointer)  # first: the pointer never names a half-deleted directory
+            count += 1
+        # The manifest first: a directory without one is never taken for a complete adapter.
+        storage.delete_object(client, plan.adapter.child(storage.MANIFEST))
+        count += storage.delete_prefix(client, plan.adapter)
+    for prefix in plan.prefixes:
+        count += storage.delete_prefix(client, prefix)
+    return count
+
+
+def _sharing(lorajob: LoRAJob, memo: Any) -> list[str]:
+    """Unfinished LoRAJobs (other than this one) that write to the same output."""
+    out = lorajob.spec.output.uri.rstrip("/")
+    found = []
+    for body in list(getattr(memo, "lorajobs", {}).values()):
+        meta = body.get("metadata") or {}
+        if meta.get("uid") == lorajob.metadata.uid or meta.get("deletionTimestamp"):
+            continue
+        if str(((body.get("spec") or {}).get("output") or {}).get("uri") or "").rstrip("/") != out:
+            continue
+        if (body.get("status") or {}).get("phase") not in lorajobs.TERMINAL_PHASES:
+            found.append(f"{meta.get('namespace')}/{meta.get('name')}")
+    return sorted(found)
+
+
+def _set_cleanup_condition(memo: Any, body: kopf.Body, event: lorajobs.Event) -> None:
+    """Say on the LoRAJob why its adapter stays, while it can still be patched (a finalizer holds it)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    meta = body.metadata
+    conditions = set_condition(
+        list((body.get("status") or {}).get("conditions") or []),
+        CLEANUP_CONDITION,
+        False,
+        event.reason,
+        event.message,
+        meta.get("generation"),
+    )
+    try:
+        client.CustomObjectsApi(memo.api_client).patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta.namespace or "default", "lorajobs", meta.name, {"status": {"conditions": conditions}}
+        )
+    except ApiException as exc:
+        if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: the event says it anyway
+            raise
+
+
 # The one finalizer a LoRAJob gets, and only when asked: the adapter lives outside the cluster.
 @kopf.on.delete(*LORAJOBS, when=_deletes_outputs)
-def delete_adapter_files(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+def delete_adapter_files(body: kopf.Body, memo: Any, logger: Any, **kwargs: Any) -> None:
+    """Delete this LoRAJob's digest directory, report and checkpoints; never a bucket, another's or one in use."""
     lorajob = _parse(body)
-    location = storage.parse_s3(lorajob.spec.output.uri)
+    uri = lorajob.spec.output.uri
     try:
+        output = storage.parse_s3(uri)
+    except ValueError:
+        message = f"Left the files at {uri}: the operator deletes only s3:// outputs"
+        kopf.event(body, type="Warning", reason="CleanupSkipped", message=message[:1024])
+        return
+    if output.is_bucket_root:
+        message = f"Deleted nothing: spec.output.uri {uri} is a whole bucket, which the operator never deletes"
+        logger.warning("Refused cleanup lorajob=%s uri=%s reason=BucketRoot", body.metadata.name, uri)
+        kopf.event(body, type="Warning", reason="CleanupRefused", message=message[:1024])
+        return
+    try:
+        plan = plan_cleanup(
+            lorajob,
+            dict(body.get("status") or {}),
+            kwargs.get("adapterdeployment_digests") or {},
+            _sharing(lorajob, memo),
+        )
+        for event in plan.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
+        if plan.in_use is not None:
+            _set_cleanup_condition(memo, body, plan.in_use)
         credentials = preflight.role_credentials(lorajob, "OUTPUT", memo.cluster, memo.config)
-        count = storage.delete_prefix(storage.client_from_env(credentials), location)
+        count = run_cleanup(storage.client_from_env(credentials), plan)
     except Exception as exc:
         # Never hold the LoRAJob (or its namespace) hostage: say what was left behind and let go.
-        message = f"Could not delete the adapter files at {location}: {exc}"
-        logger.warning("Left adapter files lorajob=%s uri=%s error=%r", body.metadata.name, location, str(exc))
+        message = f"Could not delete the adapter files at {uri}: {exc}"
+        logger.warning("Left adapter files lorajob=%s uri=%s error=%r", body.metadata.name, uri, str(exc))
         kopf.event(body, type="Warning", reason="CleanupFailed", message=message[:1024])
         return
     log.info(
-        "Deleted adapter files lorajob=%s/%s uri=%s objects=%d",
+        "Deleted adapter files lorajob=%s/%s uri=%s digest=%s kept=%s objects=%d",
         lorajob.metadata.namespace,
         lorajob.metadata.name,
-        location,
+        uri,
+        plan.digest,
+        plan.in_use.reason if plan.in_use else None,
         count,
     )
 

@@ -218,6 +218,12 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
         }
     if spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    if spec.active_deadline_seconds:
+        # Per attempt, as the API says: the kubelet stops a pod active on its node for longer (reason
+        # DeadlineExceeded), counted from when the node took the pod, so time queued for a GPU is not. No rule of
+        # the podFailurePolicy matches that pod: it is a failed attempt, counted against backoffLimit. On the Job
+        # spec the deadline would bound all attempts together, queue time and retry back-off included.
+        pod_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.retries,
         "completions": 1,
@@ -236,8 +242,6 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
             "spec": pod_spec,
         },
     }
-    if spec.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -7,14 +7,13 @@ Phases: Pending → Queued → Training → Evaluating → Succeeded | Failed.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 from typing import Any
 
 from kubelora.api.v1alpha1 import LoRAJob
 from kubelora.operator.conditions import get_condition, now, set_condition
 from kubelora.operator.config import OperatorConfig
-from kubelora.operator.executors import CONTAINER_ERRORS, Executor, StartRefusedError
+from kubelora.operator.executors import CONTAINER_ERRORS, DEADLINE_EXCEEDED, Executor, StartRefusedError
 from kubelora.operator.observe import Observation
 from kubelora.operator.preflight import Cluster, ObjectStore, Preflight, preflight, role_credentials, role_env
 
@@ -35,17 +34,18 @@ def is_warning(reason: str) -> bool:
     return reason.endswith(_WARNING_SUFFIXES) or reason in CONTAINER_ERRORS
 
 
-def _seconds_between(start: str | None, end: str | None) -> float:
-    if not start:
-        return 0.0
-    parse = datetime.datetime.fromisoformat
-    finish = parse(end.replace("Z", "+00:00")) if end else datetime.datetime.now(datetime.UTC)
-    return max(0.0, (finish - parse(start.replace("Z", "+00:00"))).total_seconds())
+def _cost(lorajob: LoRAJob, running_seconds: float, recorded: Any, config: OperatorConfig) -> tuple[float, str]:
+    """GPU-seconds (the GPUs times the trainer's running time over every attempt) and their price.
 
-
-def _cost(lorajob: LoRAJob, started: str | None, finished: str | None, config: OperatorConfig) -> tuple[float, str]:
+    Never below `recorded`, the status's gpuSeconds so far: a failed attempt's pod, and with it the record of
+    its running time, may be gone, and what was paid for stays paid for.
+    """
     gpus = max(lorajob.spec.resources.gpus, 0)
-    gpu_seconds = round(gpus * _seconds_between(started, finished), 1)
+    try:
+        floor = float(recorded or 0)
+    except (TypeError, ValueError):
+        floor = 0.0
+    gpu_seconds = max(round(gpus * running_seconds, 1), floor)
     price = config.price_per_hour(lorajob.spec.resources.gpu_type)
     cost = gpu_seconds / 3600 * price
     # Cents hide a short run's cost entirely; show four decimals below one dollar.
@@ -131,15 +131,16 @@ def derive_status(
     else:
         phase = "Failed"
         reason = reason or "TrainerFailed"
-        if report.error:
+        # An attempt stopped at its deadline: the trainer's own error only says it was interrupted.
+        if report.error and reason != DEADLINE_EXCEEDED:
             reason = str(report.error.get("reason") or reason)
             message = str(report.error.get("message") or message)
         message = message or "The trainer failed"
         conditions = set_condition(conditions, "Ready", False, reason, message, generation)
         status["completionTime"] = observation.finished_at or now()
 
-    if observation.started_at:
-        gpu_seconds, cost = _cost(lorajob, observation.started_at, status.get("completionTime"), config)
+    if observation.running_seconds is not None:
+        gpu_seconds, cost = _cost(lorajob, observation.running_seconds, old_status.get("gpuSeconds"), config)
         status["gpuSeconds"], status["costEstimate"] = gpu_seconds, cost
     status["phase"], status["message"], status["conditions"] = phase, message, conditions
     _phase_events(old_phase, phase, old_ready.get("reason"), reason, message, events)

@@ -40,12 +40,18 @@ def run(
 
     if namespaces and not all_namespaces:
         os.environ["KUBELORA_NAMESPACED"] = "1"
-    if peering is not None and priority is None:
-        # kopf pauses every peer of equal priority; distinct priorities let one run and the rest stand by.
-        priority = secrets.randbelow(1_000_000)
+    clusterwide = all_namespaces or not namespaces
+    if peering is not None:
+        from kubelora.operator import peering as peering_object
+
+        # kopf stays paused until its peering object exists; a startup handler creates it before kopf's peering starts.
+        peering_object.register(peering, namespaces, clusterwide)
+        if priority is None:
+            # kopf pauses every peer of equal priority; distinct priorities let one run and the rest stand by.
+            priority = secrets.randbelow(1_000_000)
     kopf.run(
         priority=priority,
-        clusterwide=all_namespaces or not namespaces,
+        clusterwide=clusterwide,
         namespaces=namespaces,
         standalone=peering is None,
         peering_name=peering,

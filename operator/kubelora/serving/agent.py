@@ -10,7 +10,12 @@ answers. API (JSON)::
     GET    /v1/adapters          -> 200 {"adapters": [{"digest", "path", "uri", "files", "sizeBytes"}, ...]}
     GET    /v1/adapters/<hex>    -> 200 one entry, or 404
     DELETE /v1/adapters/<hex>    -> 200 {"deleted": bool}
-    GET    /health               -> 200
+    GET    /health               -> 200 (the only call without a token: kubelet probes)
+
+Every ``/v1`` call needs ``Authorization: Bearer <token>``, the token in ``KUBELORA_AGENT_TOKEN``: the
+operator keeps it in a Secret (generated per AdapterDeployment for managed servers, named by
+``spec.target.agentTokenSecretRef`` otherwise), and the agent refuses to start without one. Anything else
+that reaches the pod could otherwise make the agent fetch, list or delete adapters.
 
 A download reads ``kubelora-manifest.json`` at the URI, checks that its sha256 is the digest, then
 fetches every file the manifest lists (except ``merged/``, a full merged model vLLM does not need for
@@ -20,7 +25,9 @@ Errors answer ``{"error": {"reason", "message"}}``: 400 bad request, 404 manifes
 422 verification failed, 502 storage unreachable.
 
 S3 settings come from the environment, as for the trainer: ``S3_ENDPOINT`` (else
-``KUBELORA_DEFAULT_S3_ENDPOINT``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_SECURE``. ``file://`` URIs are read from the local filesystem.
+``KUBELORA_DEFAULT_S3_ENDPOINT``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_SECURE``. Only
+``s3://`` URIs are read: a ``file://`` path would let a caller copy any file the pod can read (its
+ServiceAccount token, say) into the adapter directory.
 
 Usage::
 
@@ -33,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -56,6 +64,8 @@ AGENT_PORT = 8001
 AGENT_CONTAINER = "kubelora-agent"
 #: Where the agent and vLLM share adapter files.
 DEFAULT_DIR = "/adapters"
+#: The environment variable the agent reads its bearer token from.
+TOKEN_ENV = "KUBELORA_AGENT_TOKEN"  # noqa: S105 - a variable name
 MANIFEST = "kubelora-manifest.json"
 SKIPPED_PREFIXES = ("merged/",)
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -87,7 +97,7 @@ def _child(uri: str, path: str) -> str:
 
 
 class StorageSource:
-    """s3:// through MinIO's client (credentials from the environment) and file:// from local disk."""
+    """s3:// through MinIO's client, with the credentials from the environment."""
 
     def __init__(self) -> None:
         self._s3: Any = None
@@ -105,9 +115,6 @@ class StorageSource:
                 raise AgentError(502, "StorageUnavailable", f"S3 is not configured: {exc.args[0]} is unset") from exc
         return self._s3
 
-    def _local(self, uri: str, path: str) -> Path:
-        return Path(uri.removeprefix("file://")) / path
-
     def _s3_object(self, uri: str, path: str) -> tuple[str, str]:
         from kubelora.storage import parse_s3
 
@@ -116,13 +123,8 @@ class StorageSource:
         return location.bucket, key
 
     def read(self, uri: str, path: str) -> bytes:
-        if uri.startswith("file://"):
-            local = self._local(uri, path)
-            if not local.is_file():
-                raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist")
-            return local.read_bytes()
         if not uri.startswith("s3://"):
-            raise AgentError(400, "UnsupportedURI", f"{uri}: only s3:// and file:// URIs are supported")
+            raise AgentError(400, "UnsupportedURI", f"{uri}: only s3:// URIs are supported")
         response = self._open_s3(uri, path)
         try:
             return bytes(response.read())
@@ -146,12 +148,6 @@ class StorageSource:
 
     def download(self, uri: str, path: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if uri.startswith("file://"):
-            local = self._local(uri, path)
-            if not local.is_file():
-                raise AgentError(404, "NotFound", f"{_child(uri, path)} does not exist")
-            shutil.copyfile(local, dest)
-            return
         response = self._open_s3(uri, path)
         try:
             with dest.open("wb") as f:
@@ -256,8 +252,8 @@ class AdapterStore:
         match = DIGEST_RE.match(digest or "")
         if match is None:
             raise AgentError(400, "InvalidDigest", f"digest {digest!r} is not sha256:<64 lower-case hex digits>")
-        if not uri or not uri.startswith(("s3://", "file://")):
-            raise AgentError(400, "UnsupportedURI", f"uri {uri!r}: only s3:// and file:// URIs are supported")
+        if not uri or not uri.startswith("s3://"):
+            raise AgentError(400, "UnsupportedURI", f"uri {uri!r}: only s3:// URIs are supported")
         hex_digest = match.group(1)
         lock = self._locks.setdefault(hex_digest, asyncio.Lock())
         async with lock:
@@ -340,8 +336,31 @@ def preload() -> None:
         import kubelora.storage  # noqa: F401
 
 
-def build_app(store: AdapterStore) -> web.Application:
-    app = web.Application()
+def _authorized(request: web.Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def build_app(store: AdapterStore, token: str) -> web.Application:
+    """The agent's HTTP API; every route but /health needs ``token`` as a bearer token."""
+    if not token:
+        raise ValueError(f"the agent needs a token: set {TOKEN_ENV}")
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/health" and not _authorized(request, token):
+            log.warning(
+                "Refused unauthenticated call method=%s path=%s peer=%s", request.method, request.path, request.remote
+            )
+            response = AgentError(
+                401, "Unauthorized", "send the agent token as Authorization: Bearer <token>"
+            ).response()
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        result: web.StreamResponse = await handler(request)
+        return result
+
+    app = web.Application(middlewares=[require_token])
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200, text="ok")
@@ -400,11 +419,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        print(
+            f"kubelora-agent: {TOKEN_ENV} is not set. The agent serves only callers that present its token; "
+            "managed servers get it from the Secret the operator generates, other pods from the Secret named by "
+            "spec.target.agentTokenSecretRef.",
+            file=sys.stderr,
+        )
+        return 2
     store = AdapterStore(Path(args.dir))
     preload()
     log.info("Starting adapter agent host=%s port=%d dir=%s", args.host, args.port, args.dir)
     with contextlib.suppress(KeyboardInterrupt):
-        web.run_app(build_app(store), host=args.host, port=args.port, print=None, access_log=None)
+        web.run_app(build_app(store, token), host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
 

@@ -148,8 +148,6 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
         evaluation = evaluate.run(
             cfg, held, tok, renderer, rt, test_file, datasets.get("regression"), base.directory, outcome.adapter_dir
         )
-        out = parse_uri(cfg.output_uri)
-        evaluation.results.samples_uri = out.child("eval", "samples.jsonl").uri
     else:
         del model
 
@@ -186,6 +184,9 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
         base_identity=identity,
         workdir=cfg.workdir,
     )
+    if evaluation is not None:
+        # Only now: the samples are inside the digest directory, whose name the eval documents went into.
+        evaluation.results.samples_uri = publish.samples_uri(artifact)
 
     # report
     reporter.result(

@@ -1,18 +1,24 @@
-"""Step 7, publish: upload the adapter (peft layout), eval results and samples, then the manifest last.
+"""Step 7, publish: content-addressed, one directory per adapter digest, then a pointer to the newest.
 
 Layout under the output URI::
 
-    adapter_model.safetensors
-    adapter_config.json
-    eval/results.json          EvalResults (wire form) and details
-    eval/samples.jsonl         prompt, expected, base and adapter outputs
-    merged/...                 only with output.mergedModel
-    kubelora-manifest.json     written last: identity, digests, hyperparameters, metrics, versions
+    sha256/<hex>/adapter_model.safetensors
+    sha256/<hex>/adapter_config.json
+    sha256/<hex>/eval/results.json       EvalResults (wire form) and details
+    sha256/<hex>/eval/samples.jsonl      prompt, expected, base and adapter outputs
+    sha256/<hex>/merged/...              only with output.mergedModel
+    sha256/<hex>/kubelora-manifest.json  written last: identity, digests, hyperparameters, metrics, versions
+    kubelora-latest.json                 the pointer (kind AdapterPointer): digest and uri of the newest adapter
 
-Each file is uploaded and verified (stored size and ETag, and for the adapter, eval files and the
-manifest a re-download compared by sha256) before the manifest is written; any old manifest is
-removed first, so a reader never pairs an old manifest with new files. The adapter digest reported
-is ``sha256:<hex of the manifest bytes>``.
+``sha256:<hex>`` is the adapter digest, the sha256 of the manifest bytes. Every file's size and sha256 is
+computed locally first, so the manifest (and so the digest) is known before anything is uploaded. Each file
+is uploaded into the digest directory and verified (stored size and ETag, and for the adapter, the eval
+files and the manifest a re-download compared by sha256); a file already stored with the same size and
+MD5 is not sent again. The manifest is uploaded last, so a directory with a manifest is complete; only then
+is the pointer rewritten. Earlier digest directories are never touched, and publishing the same content
+again is idempotent: same bytes, same digest, same directory (the manifest holds no timestamp; the pointer
+does). The eval documents carry no ``samplesUri``: it would name the digest directory, which depends on them;
+the result event's ``eval.samplesUri`` does (:func:`samples_uri`).
 """
 
 from __future__ import annotations
@@ -24,18 +30,19 @@ import json
 import logging
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from kubelora.api.v1alpha1 import AdapterArtifact, dump
-from kubelora.trainer.errors import PublishError, TrainerError
+from kubelora.api.v1alpha1 import API_VERSION, AdapterArtifact, dump
+from kubelora.storage import DIGEST_DIR, MANIFEST, POINTER, POINTER_KIND
+from kubelora.trainer.errors import PublishError, TrainerError, VerificationError
 from kubelora.trainer.report import kv, now_iso
-from kubelora.trainer.storage import Location, parse_uri, store_for
+from kubelora.trainer.storage import Hashes, Location, Store, _single_part_md5, file_hashes, parse_uri, store_for
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "kubelora-manifest.json"
 MANIFEST_KIND = "AdapterManifest"
 LIBRARIES = (
     "kubelora",
@@ -114,6 +121,39 @@ def stage(
     return files
 
 
+def digest_location(out: Location, digest: str) -> Location:
+    """``<output>/sha256/<hex>`` for ``sha256:<hex>``."""
+    return out.child(DIGEST_DIR, digest.removeprefix("sha256:"))
+
+
+def directory_uri(loc: Location) -> str:
+    return loc.uri if loc.uri.endswith("/") else loc.uri + "/"
+
+
+def samples_uri(artifact: AdapterArtifact) -> str:
+    """Where the published eval samples are: inside the adapter's digest directory."""
+    return directory_uri(parse_uri(artifact.uri)) + "eval/samples.jsonl"
+
+
+def _stored_already(store: Store, loc: Location, local: Hashes) -> bool:
+    """The object is there with this size and, by its single-part ETag, this MD5 (else: upload it)."""
+    info = store.stat(loc)
+    md5 = _single_part_md5(info.etag) if info is not None else None
+    return info is not None and info.size == local.size and md5 == local.md5.hexdigest()
+
+
+def _put(store: Store, local: Path, loc: Location, hashes: Hashes, *, verify_download: bool) -> None:
+    """Upload ``local`` to ``loc`` unless it is stored already; verified either way."""
+    if _stored_already(store, loc, hashes):
+        if verify_download:
+            with tempfile.TemporaryDirectory(prefix="kubelora-verify-") as d:
+                store.download(loc, Path(d) / "blob", size=hashes.size, sha256=hashes.sha256.hexdigest())
+        return
+    stored = store.upload(local, loc, verify_download=verify_download)
+    if stored.sha256.hexdigest() != hashes.sha256.hexdigest():
+        raise VerificationError(f"{local} changed while it was published")
+
+
 def publish(
     output_uri: str,
     files: list[Staged],
@@ -127,40 +167,55 @@ def publish(
     out: Location = parse_uri(output_uri)
     store = store_for(out, "OUTPUT")
     t0 = time.monotonic()
+    # The manifest first, from local hashes: it names the directory everything goes into.
+    hashes = {f.path: file_hashes(f.local) for f in files}
+    entries: list[dict[str, Any]] = [
+        {"path": f.path, "sizeBytes": hashes[f.path].size, "sha256": hashes[f.path].sha256.hexdigest()} for f in files
+    ]
+    manifest = {**manifest_body, "files": entries}
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    local_manifest = workdir / MANIFEST
+    local_manifest.write_bytes(data)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    target = digest_location(out, digest)
+    uri = directory_uri(target)
     try:
-        if store.stat(out.child(MANIFEST)) is not None:
-            store.delete(out.child(MANIFEST))
-        entries: list[dict[str, Any]] = []
         for f in files:
-            h = store.upload(f.local, out.child(f.path), verify_download=f.verify_download)
-            entries.append({"path": f.path, "sizeBytes": h.size, "sha256": h.sha256.hexdigest()})
-        manifest = {**manifest_body, "files": entries, "createdAt": now_iso()}
-        data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        local = workdir / MANIFEST
-        local.write_bytes(data)
-        digest = hashlib.sha256(data).hexdigest()
-        h = store.upload(local, out.child(MANIFEST), verify_download=True)
-        if h.sha256.hexdigest() != digest:  # pragma: no cover - the file was just written
-            raise PublishError("the manifest changed while it was uploaded")
+            _put(store, f.local, target.child(f.path), hashes[f.path], verify_download=f.verify_download)
+        _put(store, local_manifest, target.child(MANIFEST), file_hashes(local_manifest), verify_download=True)
+        pointer = {
+            "apiVersion": API_VERSION,
+            "kind": POINTER_KIND,
+            "digest": digest,
+            "uri": uri,
+            "job": manifest_body.get("job") or {"name": None, "namespace": None},
+            "createdAt": now_iso(),
+        }
+        pointer_bytes = (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
+        store.put_bytes(out.child(POINTER), pointer_bytes)
+        stored_pointer = store.get_bytes(out.child(POINTER))
+        if stored_pointer is None:
+            raise VerificationError(f"{out.child(POINTER).uri}: missing right after it was written")
+        if stored_pointer != pointer_bytes:  # another run published to this output meanwhile: its pointer stands
+            log.warning(kv("The pointer was rewritten meanwhile", uri=out.child(POINTER).uri, digest=digest))
     except TrainerError as e:
         raise PublishError(
-            f"publishing to {output_uri} failed: {e.message}",
+            f"publishing to {uri} failed: {e.message}",
             reason=e.reason if e.reason in ("VerificationFailed",) else "PublishFailed",
         ) from e
     adapter_bytes = sum(e["sizeBytes"] for e in entries if not str(e["path"]).startswith(("eval/", "merged/")))
     log.info(
         kv(
             "Published adapter",
-            uri=out.uri,
-            digest=f"sha256:{digest}",
+            uri=uri,
+            digest=digest,
             files=len(entries) + 1,
             seconds=round(time.monotonic() - t0, 2),
         )
     )
-    uri = out.uri if out.uri.endswith("/") else out.uri + "/"
     return AdapterArtifact(
         uri=uri,
-        digest=f"sha256:{digest}",
+        digest=digest,
         size_bytes=adapter_bytes,
         trainable_parameters=trainable_parameters,
         rank=rank,
