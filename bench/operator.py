@@ -130,7 +130,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kubelora-bench-"))
     os.environ["KUBELORA_COUNT_API_REQUESTS"] = "1"
     os.environ["KUBELORA_RECONCILE_INTERVAL"] = "10"  # the production default (tests use 1 s)
-    operator = OperatorProcess(env, namespace, workdir)
+    # The chart's default: the tests' 1 s would poll every running LoRAJob's report every second.
+    operator = OperatorProcess(env, namespace, workdir, progressIntervalSeconds=15)
     operator.start()
     process = psutil.Process(operator.process.pid)
     requests_before = api_requests(operator.metrics())

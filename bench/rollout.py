@@ -14,9 +14,11 @@ unload; it checks adapter_config.json and the rank) in one process with the real
 last rows use real vLLM from its image (``localhost/kubelora/vllm-cpu``, ``make images``) with the agent
 from its image, for a single pod: the same rollout figure, and the time from a vLLM container restart
 to the adapter being served again (against the same restart's time to vLLM's /health, the server's own
-startup, as the baseline). Requires the dev environment (make dev-up).
+startup, as the baseline). The steady-state row (``--steady 500``) counts the API requests per second
+that 500 Ready AdapterDeployments cost when nothing changes, against the same window with the operator
+stopped. Requires the dev environment (make dev-up).
 
-    .venv/bin/python bench/rollout.py [--counts 1,10,50] [--no-vllm] > rollout.json
+    .venv/bin/python bench/rollout.py [--counts 1,10,50] [--no-vllm] [--steady 500] > rollout.json
 """
 
 from __future__ import annotations
@@ -412,6 +414,84 @@ def measure(
     }
 
 
+def apiserver_requests(bench: Bench) -> float:
+    """The API server's own count of requests served so far (apiserver_request_total, all series)."""
+    text = bench.kubectl("get", "--raw", "/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("apiserver_request_total{")
+    )
+
+
+def measure_steady(bench: Bench, count: int, window: float) -> dict[str, Any]:
+    """API requests/s that ``count`` Ready AdapterDeployments cost when nothing changes.
+
+    ``count`` AdapterDeployments serve one adapter under ``count`` names on two fake-vLLM pods; once all are
+    Ready, the API server's request counter is read over ``window`` seconds with the operator running, then
+    over the same window with it stopped (the baseline: kwok, podrunner and the API server's own traffic).
+    The figure is the difference."""
+    pods = bench.scale("fake", "fake-vllm", 2, timeout=120)
+    uri, digest = publish_synthetic(bench.minio, bench.bucket, "steady", seed=4242)
+    started = time.monotonic()
+    for i in range(count):
+        bench.apply(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "AdapterDeployment",
+                "metadata": {"name": f"steady-{i:04d}"},
+                "spec": {
+                    "adapter": {"uri": uri, "digest": digest, "secretRef": {"name": "minio-creds"}},
+                    "servedName": f"steady-{i:04d}",
+                    "target": {
+                        "deploymentName": "fake-vllm",
+                        "baseModel": BASE_MODEL,
+                        "maxLoraRank": 16,
+                        "agentTokenSecretRef": {"name": "kubelora-agent-token"},
+                    },
+                    "gatePolicy": {"requireEvalPassed": False},
+                    "rollout": {"strategy": "AllAtOnce", "smokePrompts": 0},
+                },
+            }
+        )
+    deadline = time.monotonic() + 60 + count
+    while True:
+        items = bench.custom.list_namespaced_custom_object(GROUP, VERSION, bench.namespace, "adapterdeployments")
+        ready = [
+            i
+            for i in items["items"]
+            if i["metadata"]["name"].startswith("steady-") and (i.get("status") or {}).get("phase") == "Ready"
+        ]
+        if len(ready) == count:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(ready)}/{count} AdapterDeployments Ready")
+        time.sleep(2)
+    settle = time.monotonic() - started
+    log("AdapterDeployments Ready", count=count, pods=len(pods), seconds=f"{settle:.1f}")
+    time.sleep(10)  # let the last status writes and their watch events drain before the window opens
+    before = apiserver_requests(bench)
+    time.sleep(window)
+    with_operator = (apiserver_requests(bench) - before) / window
+    assert bench.operator is not None
+    bench.operator.send_signal(signal.SIGTERM)
+    bench.operator.wait(timeout=60)
+    time.sleep(5)
+    before = apiserver_requests(bench)
+    time.sleep(window)
+    without = (apiserver_requests(bench) - before) / window
+    bench.start_operator()  # teardown unloads through it
+    return {
+        "adapterDeployments": count,
+        "pods": len(pods),
+        "windowSeconds": window,
+        "secondsToAllReady": round(settle, 1),
+        "requestsPerSecondWithOperator": round(with_operator, 2),
+        "requestsPerSecondWithout": round(without, 2),
+        "operatorRequestsPerSecond": round(with_operator - without, 2),
+        "ratio": round(with_operator / without, 2) if without else None,
+        "goal": "operatorRequestsPerSecond <= 20 (issue 14; the timer-driven controller made ~650 at 500)",
+    }
+
+
 def served_root(pod: podrunner.RunningPod, name: str) -> str | None:
     try:
         with urllib.request.urlopen(f"http://{pod.ip}:{pod.server_port}/v1/models", timeout=2) as response:
@@ -464,6 +544,8 @@ def main() -> int:
     parser.add_argument("--counts", default="1,10,50")
     parser.add_argument("--no-vllm", action="store_true", help="Skip the real vLLM rows")
     parser.add_argument("--repeat", type=int, default=3, help="Runs per pod count; the medians are reported")
+    parser.add_argument("--steady", type=int, default=500, help="AdapterDeployments for the steady-state row (0: none)")
+    parser.add_argument("--steady-window", type=float, default=60.0, help="Seconds each steady-state window lasts")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     env = cluster.load()
@@ -475,6 +557,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     real: dict[str, Any] | None = None
     restart: dict[str, Any] | None = None
+    steady: dict[str, Any] | None = None
     images: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         workdir = Path(tmp)
@@ -498,6 +581,8 @@ def main() -> int:
                 row = measure(bench, pods, "vllm", publish, args.repeat, concurrency)
                 real = {"pods": 1, "server": f"vLLM {vllm.VLLM_VERSION} (CPU build, tiny Llama) + agent", **row}
                 restart = {"pods": 1, "server": real["server"], **measure_restart(bench, "vllm", publish, args.repeat)}
+            if args.steady:
+                steady = measure_steady(bench, args.steady, args.steady_window)
         finally:
             bench.teardown()
     report = {
@@ -511,11 +596,12 @@ def main() -> int:
         "why_fake": "real vLLM (CPU build) holds about 3 GB per pod; 10 or 50 do not fit this 24 GiB, 2-core machine",
         "adapterBytes": ADAPTER_BYTES,
         "concurrency": concurrency,
-        "resyncSeconds": float(os.environ.get("KUBELORA_ADAPTER_RESYNC_SECONDS", "3")),
+        "resyncSeconds": float(os.environ.get("KUBELORA_ADAPTER_RESYNC_SECONDS", "300")),
         "cpus": os.cpu_count(),
         "results": results,
         "vllm": real,
         "restart": restart,
+        "steadyState": steady,
         "restartBaseline": "the same restart's time to vLLM's /health (the server's own startup); ratio = serving / healthy",
     }
     json.dump(report, sys.stdout, indent=2)

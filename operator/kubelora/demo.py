@@ -135,7 +135,7 @@ class Demo:
         )
         env = {**os.environ, **{k: v for k, v in self.env.env().items() if k != "PATH"}}
         env.setdefault("KUBELORA_RECONCILE_INTERVAL", "1")
-        env.setdefault("KUBELORA_ADAPTER_RESYNC_SECONDS", "2")
+        env.setdefault("KUBELORA_ADAPTER_RESYNC_SECONDS", "300")
         log = (self.workdir / "operator.log").open("ab")
         command = [sys.executable, "-m", "kubelora.cli", "operator", "--namespace", NAMESPACE, "--config", str(config)]
         self.operator = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -151,7 +151,7 @@ class Demo:
             client = storage.make_client(self.env.minio_endpoint, self.env.minio_access_key, self.env.minio_secret_key)
             # A fresh story each run: an earlier run's checkpoints would otherwise be resumed from.
             if client.bucket_exists(BUCKET):
-                storage.delete_prefix(client, storage.S3Location(BUCKET, ""))
+                storage.delete_prefix(client, storage.parse_s3(f"s3://{BUCKET}/"))
             model = tiny.build_tiny_model(self.workdir / "model")
             good = tiny.write_task(self.workdir / "data", n_train=320, n_test=32)
             shuffled = tiny.write_task(self.workdir / "data-shuffled", n_train=320, n_test=32, shuffled_labels=True)

@@ -214,6 +214,11 @@ MANAGED = {"managed": {"baseModel": {"uri": "hf://a/b"}, "replicas": 2}}
         (ad({"loraJob": "j"}, {**MANAGED, **TOKEN}), None),  # a managed server may use the platform's own Secret
         (ad({"uri": "file:///var/run/secrets/", "digest": DIGEST}, {"deploymentName": "v"}), "spec.adapter.uri"),
         (ad({"uri": "pvc://claim/adapter/", "digest": DIGEST}, {"deploymentName": "v"}), "spec.adapter.uri"),
+        (ad({"loraJob": "j"}, MANAGED, {"steps": [{"replicas": 1, "bakeSeconds": 60}, {"percent": 50}]}), None),
+        (ad({"loraJob": "j"}, MANAGED, {"steps": [{"replicas": 1, "percent": 50}]}), "exactly one of replicas"),
+        (ad({"loraJob": "j"}, MANAGED, {"steps": [{"bakeSeconds": 60}]}), "exactly one of replicas"),
+        (ad({"loraJob": "j"}, {"deploymentName": "v", "maxLoraRank": 320}), None),
+        (ad({"loraJob": "j"}, {"deploymentName": "v", "maxLoraRank": 48}), "maxLoraRank"),  # vLLM refuses 48
     ],
 )
 def test_adapterdeployment_rules(obj: dict[str, Any], message: str | None):

@@ -262,8 +262,8 @@ def test_adapter_files_stay_unless_the_job_asks_for_their_deletion(operator, kub
 def publish_adapter(minio_client, monkeypatch, workdir, output: str, weights: bytes, job: str) -> dict:
     """An adapter published by the trainer's own publish step into `output` (sha256/<hex>/ and the pointer)."""
     from kubelora.api.v1alpha1 import dump
+    from kubelora.storage import S3Store
     from kubelora.trainer import publish
-    from kubelora.trainer.storage import S3Store
 
     monkeypatch.setattr(publish, "store_for", lambda loc, role=None: S3Store(minio_client))
     adapter = workdir / "adapter"

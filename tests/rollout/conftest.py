@@ -42,7 +42,7 @@ GROUP, VERSION = "kubelora.dev", "v1alpha1"
 DEPLOYMENT = "vllm-tiny"
 REPLICAS = 3
 SERVER_PORT = 8000
-RESYNC_SECONDS = "1"
+RESYNC_SECONDS = "300"  # the safety net only: every test here is driven by watch events
 # vLLM runs with --api-key (VLLM_API_KEY from this Secret), as a platform team's servers would; every
 # AdapterDeployment here names it in spec.target.apiKeySecretRef, and the tests' own calls send it too.
 API_KEY_SECRET = "vllm-api-key"
@@ -355,6 +355,17 @@ def agent_files(pod: podrunner.RunningPod, token: str = AGENT_TOKEN) -> set[str]
     return {entry["digest"] for entry in response.json()["adapters"]}
 
 
+SNAPSHOT_FIELDS = (
+    "phase",
+    "loadedReplicas",
+    "desiredReplicas",
+    "activeDigest",
+    "previousDigest",
+    "currentStep",
+    "message",
+)
+
+
 class StatusRecorder:
     """Every status an AdapterDeployment goes through, from a watch (no polling gaps)."""
 
@@ -399,10 +410,7 @@ class StatusRecorder:
                     obj = event["object"]
                     version = obj["metadata"]["resourceVersion"]
                     status = obj.get("status") or {}
-                    snapshot = {
-                        k: status.get(k)
-                        for k in ("phase", "loadedReplicas", "desiredReplicas", "activeDigest", "previousDigest")
-                    }
+                    snapshot = {k: status.get(k) for k in SNAPSHOT_FIELDS}
                     if not self.seen or self.seen[-1] != snapshot:
                         self.seen.append(snapshot)
                     if self._stop.is_set():
@@ -442,7 +450,7 @@ def adapters(
     # The trainer's own publish step writes them, with the keys handed over for the OUTPUT role only.
     from unittest import mock
 
-    from kubelora.trainer import storage
+    from kubelora import storage
 
     with mock.patch.dict(os.environ, {f"OUTPUT_{k}": v for k, v in s3_env.items()}):
         storage._clients.clear()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from kubelora.serving.agent import TOKEN_ENV, AdapterStore, AgentError, build_app, main
+from kubelora.serving.agent import TOKEN_ENV, AdapterStore, AgentError, Preloader, build_app, main
 
 TOKEN = "agent-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -173,3 +173,98 @@ def test_the_agent_will_not_start_without_a_token(tmp_path, monkeypatch, capsys)
     assert TOKEN_ENV in capsys.readouterr().err
     with pytest.raises(ValueError, match=TOKEN_ENV):
         build_app(store_for(tmp_path), "")
+
+
+def _write_preload(path: Path, entries: dict[str, tuple[str, str]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({name: {"uri": uri, "digest": digest} for name, (uri, digest) in entries.items()}))
+    tmp.replace(path)
+
+
+def test_preload_links_served_names_and_gates_ready(tmp_path):
+    """The preload file names what to serve; the agent links it by servedName for vLLM's filesystem resolver."""
+    uri_a, digest_a = publish_dir(tmp_path / "src-a", ADAPTER)
+    uri_b, digest_b = publish_dir(tmp_path / "src-b", {**ADAPTER, "adapter_model.safetensors": b"\x01" * 1000})
+    preload_file = tmp_path / "preload" / "adapters.json"
+    preload_file.parent.mkdir()
+    store = store_for(tmp_path)
+    names = tmp_path / "adapters"
+    preloader = Preloader(store, preload_file, names, base_model="/models/base")
+
+    async def scenario() -> None:
+        async with TestClient(TestServer(build_app(store, TOKEN, preloader, interval=0.05))) as client:
+
+            async def ready() -> tuple[int, str]:
+                response = await client.get("/ready")  # no token: the kubelet probes it
+                return response.status, await response.text()
+
+            async def wait_ready(status: int) -> str:
+                for _ in range(200):
+                    got, text = await ready()
+                    if got == status:
+                        return text
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"/ready never answered {status}: {text}")
+
+            # No file (the ConfigMap does not exist yet): nothing to wait for.
+            assert (await ready())[0] == 200
+            _write_preload(preload_file, {"support": (uri_a, digest_a)})
+            await wait_ready(200)
+            link = names / "support"
+            assert link.is_symlink() and not Path(link.readlink()).is_absolute()  # the same in both containers
+            config = json.loads((link / "adapter_config.json").read_text())
+            # vLLM's resolver loads an adapter only when it names the server's --model
+            assert config == {"r": 8, "lora_alpha": 16, "base_model_name_or_path": "/models/base"}
+            assert (link / "adapter_model.safetensors").read_bytes() == ADAPTER["adapter_model.safetensors"]
+            # The verified digest directory itself is unchanged.
+            hex_a = digest_a.split(":")[1]
+            assert (names / hex_a / "adapter_config.json").read_bytes() == ADAPTER["adapter_config.json"]
+            # A listed digest is pinned: the operator's clean-up cannot pull it from under vLLM.
+            refused = await client.delete(f"/v1/adapters/{hex_a}", headers=AUTH)
+            assert refused.status == 409 and (names / hex_a).is_dir()
+            # A new version: the link is swapped to it.
+            _write_preload(preload_file, {"support": (uri_b, digest_b)})
+            for _ in range(200):
+                if (link / "adapter_model.safetensors").read_bytes() != ADAPTER["adapter_model.safetensors"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert (link / "adapter_model.safetensors").read_bytes() == b"\x01" * 1000
+            assert (await ready())[0] == 200
+            # An entry that cannot be fetched keeps the pod out of Ready, and says why.
+            missing = "sha256:" + "3" * 64
+            _write_preload(preload_file, {"support": (uri_b, digest_b), "other": ("s3://bucket/nope/", missing)})
+            text = await wait_ready(503)
+            assert "other" in text
+            # A name the file no longer lists loses its link (vLLM must not resolve it again).
+            _write_preload(preload_file, {})
+            await wait_ready(200)
+            for _ in range(200):
+                if not link.is_symlink():
+                    break
+                await asyncio.sleep(0.05)
+            assert not link.exists() and not link.is_symlink()
+            assert (await client.delete(f"/v1/adapters/{hex_a}", headers=AUTH)).status == 200
+
+    asyncio.run(scenario())
+
+
+def test_preload_refuses_names_that_are_not_one_path_component(tmp_path):
+    preload_file = tmp_path / "adapters.json"
+    uri, digest = publish_dir(tmp_path / "src", ADAPTER)
+    store = store_for(tmp_path)
+    preloader = Preloader(store, preload_file, tmp_path / "adapters")
+    for bad in ("../escape", "a/../../b", ".hidden", "views", "a//b", digest.split(":")[1]):
+        _write_preload(preload_file, {bad: (uri, digest)})
+        ok, message = preloader.ready()
+        assert not ok and "cannot be a file name" in message
+        assert asyncio.run(preloader.sync()) is False
+    assert not (tmp_path / "escape").exists()
+    preload_file.write_text("not json")
+    assert preloader.ready()[0] is False
+    # servedName may have path components (the API allows "/"): vLLM's resolver joins it to its directory.
+    _write_preload(preload_file, {"team/support": (uri, digest)})
+    assert asyncio.run(preloader.sync()) is True and preloader.ready()[0] is True
+    assert json.loads((tmp_path / "adapters" / "team" / "support" / "adapter_config.json").read_text())["r"] == 8
+    _write_preload(preload_file, {})
+    assert asyncio.run(preloader.sync()) is True
+    assert not (tmp_path / "adapters" / "team" / "support").is_symlink()

@@ -69,18 +69,24 @@ class FakeKube:
             for i in range(pods)
         ]
         self.patches: list[dict[str, Any]] = []
+        self.lorajobs: dict[str, dict[str, Any]] = {}
+        self.deleted: list[str] = []
 
     def get_adapterdeployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.objects.get(name))
 
-    def get_lorajob(self, namespace: str, name: str) -> None:
-        return None
+    def get_lorajob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.lorajobs.get(name))
 
     def get_secret(self, namespace: str, name: str) -> dict[str, str]:
         return {"token": "agent-token"} if name == "agent-token" else {}
 
     def get_deployment(self, namespace: str, name: str) -> dict[str, Any]:
         return {"spec": {"selector": {"matchLabels": {"app": "vllm"}}}}
+
+    def delete_owned(self, namespace: str, name: str, owner_uid: str) -> list[str]:
+        self.deleted.append(name)
+        return []
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         assert selector == "app=vllm"
@@ -106,6 +112,7 @@ class FakePods:
         self.answers = answers  # digest hex -> answers in sample order
         self.broken = broken or set()  # digests whose load fails
         self.refused = refused or {}  # digests vLLM refuses -> its reason
+        self.flaky: set[str] = set()  # digests whose next load fails once
         self.loads = 0
 
     async def models(self, pod: ads.Pod) -> dict[str, str]:
@@ -121,6 +128,9 @@ class FakePods:
             raise ads.PodError("load", f"vLLM refused the adapter (500): {refusal}", refusal=refusal)
         if f"sha256:{Path(path).name}" in self.broken:
             raise ads.PodError("load", "LoRA rank 8 is greater than max_lora_rank 4.")
+        if f"sha256:{Path(path).name}" in self.flaky:
+            self.flaky.discard(f"sha256:{Path(path).name}")
+            raise ads.PodError("load", "vLLM could not load the adapter (503): busy")
         served = self.served.setdefault(pod.name, {})
         assert replace == (name in served)
         served[name] = path
@@ -379,3 +389,123 @@ def test_resolved_adapters_are_cached_per_namespace_and_secret(published):
     assert resolve("team-a", "a-creds") == "cached"
     assert resolve("team-b", "a-creds") == "read"  # another tenant reads for itself
     assert resolve("team-a", None) == "read"  # and so does another Secret
+
+
+def test_a_rollout_whose_source_disappears_keeps_converging_honours_its_deadline_and_rolls_back(published):
+    kube = FakeKube(3)
+    pods = FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    assert settle(rt, "svc")["phase"] == "Ready"
+    uri, digest = published["b"]
+    kube.lorajobs["job-b"] = {
+        "metadata": {"name": "job-b"},
+        "spec": {"output": {"uri": uri}},
+        "status": {"phase": "Succeeded", "adapter": {"uri": uri, "digest": digest, "rank": 8, "baseModel": BASE}},
+    }
+    kube.objects["svc"]["spec"]["adapter"] = {"loraJob": "job-b"}
+    kube.objects["svc"]["metadata"]["generation"] = 2
+    pods.flaky = {digest}  # the first canary load fails: the rollout is still in Canary after this pass
+    status = settle(rt, "svc", passes=1)
+    assert status["phase"] == "Canary" and status["activeDigest"] == digest
+    del kube.lorajobs["job-b"]  # the source goes away mid-rollout
+    status = settle(rt, "svc", passes=1)
+    assert status["phase"] == "Canary", "the canary keeps converging while the deadline has not passed"
+    assert "source unavailable: LoRAJob job-b does not exist" in status["message"]
+    canary = [name for name, served in pods.served.items() if Path(served["svc"]).name == digest[7:]]
+    assert len(canary) == 2
+    rt.settings.rollout_timeout_seconds = -1.0  # the deadline passes
+    status = settle(rt, "svc", passes=2)
+    assert status["phase"] == "RolledBack" and status["activeDigest"] == published["a"][1]
+    assert next(c for c in status["conditions"] if c["type"] == "Ready")["reason"] == "RolloutTimedOut"
+    assert {Path(p["svc"]).name for p in pods.served.values()} == {published["a"][1][7:]}
+
+
+def test_two_adapterdeployments_with_one_served_name_on_the_same_pods_the_newer_gets_a_conflict(published):
+    kube, pods = FakeKube(3), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "first", *published["a"])
+    add(kube, "second", *published["b"])
+    for name, created in (("first", "2026-11-30T10:00:00Z"), ("second", "2026-11-30T11:00:00Z")):
+        kube.objects[name]["metadata"]["creationTimestamp"] = created
+        kube.objects[name]["spec"]["servedName"] = "support"
+    # The newer one runs first: it has not seen the older yet, so both settle once each.
+    second = settle(rt, "second", passes=1)
+    first = settle(rt, "first", passes=2)
+    second = settle(rt, "second", passes=2)
+    assert first["phase"] == "Ready" and first["activeDigest"] == published["a"][1]
+    assert second["phase"] == "Refused"
+    conflict = next(c for c in second["conditions"] if c["type"] == "Conflict")
+    assert conflict["status"] == "True" and conflict["reason"] == "ServedNameInUse"
+    assert "AdapterDeployment first (older) already serves support" in conflict["message"]
+    assert next(c for c in second["conditions"] if c["type"] == "Ready")["reason"] == "ServedNameConflict"
+    # They no longer swap adapters on every pass: the older one's adapter stays everywhere.
+    for _ in range(3):
+        settle(rt, "first", passes=1)
+        settle(rt, "second", passes=1)
+    assert {Path(p["support"]).name for p in pods.served.values()} == {published["a"][1][7:]}
+    # The older one goes: the newer one takes over.
+    del kube.objects["first"]
+    rt.forget(NS, "first", "uid-first")
+    second = settle(rt, "second", passes=3)
+    assert second["phase"] == "Ready" and second["activeDigest"] == published["b"][1]
+    assert next(c for c in second["conditions"] if c["type"] == "Conflict")["status"] == "False"
+    assert {Path(p["support"]).name for p in pods.served.values()} == {published["b"][1][7:]}
+
+
+def test_a_three_step_canary_bakes_at_each_step_then_promotes(published, monkeypatch):
+    import datetime
+
+    clock = [datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)]
+    monkeypatch.setattr(ads, "_now", lambda: clock[0])
+    kube, pods = FakeKube(4), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    kube.objects["svc"]["spec"]["rollout"]["steps"] = [
+        {"replicas": 1, "bakeSeconds": 60},
+        {"percent": 50, "bakeSeconds": 120},
+    ]
+    a = published["a"][1][7:]
+
+    def serving_a() -> int:
+        return sum(1 for p in pods.served.values() if Path(p.get("svc", "")).name == a)
+
+    status = settle(rt, "svc", passes=2)
+    assert (status["phase"], status["currentStep"], serving_a()) == ("Canary", 0, 1)
+    assert "Step 1/2" in status["message"] and "baking 60s more" in status["message"]
+    assert next(c for c in status["conditions"] if c["type"] == "Progressing")["reason"] == "Baking"
+    clock[0] += datetime.timedelta(seconds=30)
+    status = settle(rt, "svc", passes=2)
+    assert (status["currentStep"], serving_a()) == (0, 1) and "baking 30s more" in status["message"]
+    clock[0] += datetime.timedelta(seconds=31)
+    status = settle(rt, "svc", passes=2)
+    assert (status["phase"], status["currentStep"], serving_a()) == ("Canary", 1, 2)  # 50% of 4
+    assert "Step 2/2" in status["message"] and "baking 120s more" in status["message"]
+    clock[0] += datetime.timedelta(seconds=121)
+    status = settle(rt, "svc", passes=2)
+    assert (status["phase"], serving_a()) == ("Ready", 4)
+    assert "currentStep" not in status and "stepStartedAt" not in status
+    phases = [p.get("phase") for p in kube.patches if p.get("phase")]
+    assert phases == ["Canary", "Promoting", "Ready"]
+
+
+def test_max_unavailable_moves_that_many_pods_per_pass(published):
+    kube, pods = FakeKube(5), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    kube.objects["svc"]["spec"]["rollout"].update(strategy="AllAtOnce", maxUnavailable=2)
+    counts = []
+    for _ in range(4):
+        counts.append(settle(rt, "svc", passes=1)["loadedReplicas"])
+    assert counts == [2, 4, 5, 5]
+    assert settle(rt, "svc", passes=1)["phase"] == "Ready"
+
+
+def test_smoke_answers_compare_normalised_whitespace_and_case_but_not_words():
+    same = server_pods._same_answer
+    assert same("  Billing\n", "billing", exact=True)
+    assert same("Refund  the\tcustomer", "refund the customer", exact=True)
+    assert same("\uff22\uff29\uff2c\uff2c\uff29\uff2e\uff27", "billing", exact=True)  # full-width forms (NFKC)
+    assert not same("billing.", "billing", exact=True)
+    assert not same("billing 2", "billing 3", exact=True)
+    assert same("Billing and more", "billing", exact=False)  # maxNewTokens unknown: a prefix

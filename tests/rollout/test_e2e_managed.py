@@ -69,8 +69,19 @@ def test_managed_server_deployment_is_created_owned_and_served(rollout_env, adap
     assert volumes["adapters"]["emptyDir"] == {"sizeLimit": "10Gi"}  # the operator config's default
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4Gi"}
     assert {m["mountPath"] for m in vllm["volumeMounts"]} == {"/adapters", "/dev/shm", "/home/vllm"}
-    assert agent["volumeMounts"] == [{"name": "adapters", "mountPath": "/adapters"}]
-    assert agent["args"] == ["--host", "0.0.0.0", "--port", "8001", "--dir", "/adapters"]
+    assert agent["volumeMounts"] == [
+        {"name": "adapters", "mountPath": "/adapters"},
+        {"name": "preload", "mountPath": "/etc/kubelora/preload", "readOnly": True},
+    ]
+    assert agent["args"] == [
+        *("--host", "0.0.0.0", "--port", "8001", "--dir", "/adapters"),
+        *("--preload", "/etc/kubelora/preload/adapters.json", "--base-model", BASE_MODEL),
+    ]
+    # Preload: the agent links what the ConfigMap lists for vLLM's filesystem resolver; /ready gates the pod.
+    assert volumes["preload"]["configMap"] == {"name": "managed-vllm-adapters", "optional": True, "defaultMode": 420}
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert {"name": "VLLM_PLUGINS", "value": "lora_filesystem_resolver"} in vllm["env"]
+    assert {"name": "VLLM_LORA_RESOLVER_CACHE_DIR", "value": "/adapters"} in vllm["env"]
     secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in agent["env"] if "valueFrom" in e}
     assert secret_refs == {
         "KUBELORA_AGENT_TOKEN": "managed-vllm-agent-token",

@@ -152,3 +152,42 @@ def test_delete_unloads_everywhere(rollout_env, adapters, track):
         if not any(root.endswith(good.hex) for root in models.values()):
             assert good.digest not in agent_files(pod)
     assert env.wait_event(name, "Unloaded")["message"] == f"Unloaded support-bye from {REPLICAS} pods"
+
+
+def test_a_three_step_canary_bakes_on_real_pods_then_promotes(rollout_env, adapters, api_client, track):
+    """1 pod (smoke-checked), then 50% (2 of 3, rounded up), then all; each step holds its bake time."""
+    env, good = rollout_env, adapters["good-b"]
+    env.lorajob("steps-b", good)
+    manifest = ad_manifest("steps", "support-steps", lora_job="steps-b", smoke=2)
+    manifest["spec"]["rollout"]["steps"] = [{"replicas": 1, "bakeSeconds": 3}, {"percent": 50, "bakeSeconds": 3}]
+    with StatusRecorder(api_client, env.namespace, "steps") as recorder:
+        track(manifest)
+        obj = env.wait_phase("steps", "Ready", loaded=REPLICAS, timeout=180)
+    assert obj["status"]["activeDigest"] == good.digest and "currentStep" not in obj["status"]
+    baking = [s for s in recorder.seen if s["phase"] == "Canary" and "baking" in (s.get("message") or "")]
+    steps_seen = sorted({(s.get("currentStep"), s["loadedReplicas"]) for s in baking})
+    assert steps_seen == [(0, 1), (1, 2)], recorder.seen  # each step baked with its own pod count
+    phases = recorder.phases()
+    assert phases[phases.index("Canary") :] == ["Canary", "Promoting", "Ready"], recorder.seen
+    assert [e["reason"] for e in env.events("steps")].count("RolloutStep") == 1
+    assert serves(env, "support-steps", good.digest)
+
+
+def test_a_second_adapterdeployment_for_the_same_served_name_gets_a_conflict(rollout_env, adapters, track):
+    env, first, second = rollout_env, adapters["good-a"], adapters["good-b"]
+    env.lorajob("owner-a", first)
+    env.lorajob("intruder-b", second)
+    track(ad_manifest("owner", "support-shared", lora_job="owner-a", strategy="AllAtOnce", smoke=0))
+    env.wait_phase("owner", "Ready", loaded=REPLICAS)
+    track(ad_manifest("intruder", "support-shared", lora_job="intruder-b", strategy="AllAtOnce", smoke=0))
+    obj = env.wait_ad("intruder", lambda o: o.get("status", {}).get("phase") == "Refused", "the Conflict")
+    conflict = condition(obj, "Conflict")
+    assert conflict["status"] == "True" and conflict["reason"] == "ServedNameInUse"
+    assert "AdapterDeployment owner (older) already serves support-shared" in conflict["message"]
+    assert condition(obj, "Ready")["reason"] == "ServedNameConflict"
+    assert env.wait_event("intruder", "Conflict")["type"] == "Warning"
+    assert serves(env, "support-shared", first.digest)  # the owner's adapter, not swapped
+    env.kubectl("delete", "adapterdeployment", "owner", "-n", env.namespace, "--timeout=60s")
+    obj = env.wait_phase("intruder", "Ready", loaded=REPLICAS, timeout=120)
+    assert condition(obj, "Conflict")["status"] == "False"
+    assert serves(env, "support-shared", second.digest)

@@ -289,8 +289,8 @@ def test_two_trainings_to_one_output_keep_both_adapters(
 def test_publishing_the_same_content_again_sends_nothing_and_changes_nothing(
     tmp_path: Path, minio_client: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from kubelora.storage import S3Store
     from kubelora.trainer import publish
-    from kubelora.trainer.storage import S3Store
 
     class Counting(S3Store):
         uploads: list[str] = []

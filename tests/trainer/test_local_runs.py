@@ -105,9 +105,9 @@ PUBLISH_ARGS: dict[str, Any] = {"trainable_parameters": 1, "rank": 1, "base_iden
 
 
 def test_failed_upload_is_never_a_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubelora.storage import LocalStore
     from kubelora.trainer import publish
     from kubelora.trainer.errors import PublishError, StorageError
-    from kubelora.trainer.storage import LocalStore
 
     out = tmp_path / "out"
     body = {"kind": "AdapterManifest"}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kubelora.api.v1alpha1 import AdapterArtifact, EvalResults, GateVerdict, TrainingProgress
+from kubelora.storage import LocalStore, parse_uri
 from kubelora.trainer.report import Console, Reporter, kv
-from kubelora.trainer.storage import LocalStore, parse_uri
 
 pytestmark = pytest.mark.trainer
 

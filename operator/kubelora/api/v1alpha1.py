@@ -69,6 +69,7 @@ __all__ = [
     "RegressionCheck",
     "ReplicaState",
     "Resources",
+    "RolloutStep",
     "RolloutStrategy",
     "SecretRef",
     "ServingTarget",
@@ -730,7 +731,9 @@ class ServingTarget(Model):
     )
     port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8000, description="vLLM's HTTP port")
     max_loras: Annotated[int, Field(ge=1, le=256)] = Field(default=4, description="vLLM --max-loras")
-    max_lora_rank: Annotated[int, Field(ge=1, le=512)] = Field(default=64, description="vLLM --max-lora-rank")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=64, description="vLLM --max-lora-rank; vLLM accepts only 1, 8, 16, 32, 64, 128, 256, 320 and 512"
+    )
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="vLLM's --api-key, sent as a bearer token on every call the operator makes to the servers",
@@ -746,6 +749,26 @@ class GatePolicy(Model):
     """When an adapter may be served."""
 
     require_eval_passed: bool = Field(default=True, description="Refuse adapters whose LoRAJob eval did not pass")
+
+
+class RolloutStep(Model):
+    """One step of a Canary rollout: how many pods serve the new version, and how long it bakes there."""
+
+    cel_rules = (
+        Rule(
+            cel="has(self.replicas) != has(self.percent)",
+            message="spec.rollout.steps: set exactly one of replicas or percent in each step",
+            check=lambda s: (s.replicas is None) != (s.percent is None),
+        ),
+    )
+
+    replicas: Annotated[int, Field(ge=1, le=1000)] | None = Field(default=None, description="Pods on this step")
+    percent: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        default=None, description="Share of the target pods on this step, rounded up"
+    )
+    bake_seconds: Annotated[int, Field(ge=0, le=86400)] = Field(
+        default=0, description="How long the step holds, watching its pods, before the next one"
+    )
 
 
 class RolloutStrategy(Model):
@@ -765,6 +788,17 @@ class RolloutStrategy(Model):
         default=0.8, description="Fraction of smoke prompts whose answers must match the LoRAJob's eval predictions"
     )
     auto_rollback: bool = Field(default=True, description="Return to the previous adapter when the rollout fails")
+    steps: list[RolloutStep] = Field(
+        default_factory=list,
+        max_length=10,
+        description="Canary: the steps after the smoke check, e.g. 1 pod, then 50%, each with a bake time; then "
+        "all pods. Unset: one step of canaryReplicas pods, no bake. The first step is smoke-checked",
+    )
+    max_unavailable: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        default=None,
+        description="Most pods switching to the new version at once (each reloads in place while it serves); "
+        "unset: a step's pods all at once",
+    )
 
 
 class AdapterDeploymentSpec(Model):
@@ -826,6 +860,8 @@ class AdapterDeploymentStatus(Model):
     previous_uri: str | None = Field(default=None, description="Files of the adapter to roll back to")
     desired_replicas: int = Field(default=0, description="Server pods that should serve the adapter")
     loaded_replicas: int = Field(default=0, description="Server pods that serve the active adapter")
+    current_step: int | None = Field(default=None, description="Canary: the rollout step in progress (0-based)")
+    step_started_at: str | None = Field(default=None, description="Canary: when the current step's pods were loaded")
     replicas: list[ReplicaState] = Field(
         default_factory=list, max_length=50, description="Per-pod state, capped at 50 entries"
     )

@@ -277,6 +277,12 @@ class RunningPod:
     procs: dict[str, Proc]
     server_port: int
     agent_port: int | None
+    #: ConfigMap volumes podrunner writes (and refreshes, as a kubelet does): (volume source, host directory).
+    configmaps: list[tuple[dict[str, Any], Path]] = dataclasses.field(default_factory=list)
+    #: Serving mode: the Ready condition last written to the pod (None: not yet), and per container its readiness.
+    ready: bool | None = None
+    probes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    refreshed: float = 0.0
 
 
 class PodRunner:
@@ -333,7 +339,10 @@ class PodRunner:
     def start(self) -> PodRunner:
         if self.kubelet is not None:
             self.kubelet.start()
-        for target, name in ((self._watch_loop, "podrunner-watch"), (self._supervise_loop, "podrunner-supervise")):
+        loops = [(self._watch_loop, "podrunner-watch"), (self._supervise_loop, "podrunner-supervise")]
+        if self.config.server == "vllm" and not self.config.images:
+            loops.append((self._kubelet_loop, "podrunner-kubelet"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -573,6 +582,7 @@ class PodRunner:
         agent_port = _port(agent, _args(agent), DEFAULT_AGENT_PORT) if agent is not None else None
         python = self.config.python
         procs: dict[str, Proc] = {}
+        configmaps: list[tuple[dict[str, Any], Path, str]] = []
         env = self._base_env()
         server_env = {**env, **self._container_env(namespace, server)}
         annotations = meta.get("annotations") or {}
@@ -612,13 +622,25 @@ class PodRunner:
             agent_image = self._agent_image(agent)
             if agent_image is None:
                 raise ValueError(f"agent image {agent.get('image')} is not in buildah's local store: make images")
-            procs["agent"] = self._agent_from_image(pod, agent, agent_image, adapters, agent_port or 0)
+            configmaps = self._configmap_volumes(pod, agent)
+            config_mounts = [(host, mount, True) for _, host, mount in configmaps]
+            procs["agent"] = self._agent_from_image(pod, agent, agent_image, adapters, agent_port or 0, config_mounts)
         else:
             raise ValueError(f"unknown server mode {self.config.server!r}: vllm or fake")
         for proc in procs.values():
             proc.start()
         log.info("Started pod pod=%s/%s ip=%s server=%s agent=%s", namespace, name, ip, self.config.server, agent_port)
-        return RunningPod(namespace, name, meta["uid"], ip, directory, procs, server_port, agent_port)
+        running = RunningPod(namespace, name, meta["uid"], ip, directory, procs, server_port, agent_port)
+        if self.config.server == "vllm" and agent is not None:
+            running.configmaps = [(source, host) for source, host, _ in configmaps]
+            running.refreshed = time.monotonic()
+            for key, container in (("server", server), ("agent", agent)):
+                http = (container.get("readinessProbe") or {}).get("httpGet") or {"path": "/health"}
+                port = server_port if key == "server" else agent_port
+                url = f"http://{ip}:{port}{http.get('path') or '/'}"
+                threshold = int((container.get("readinessProbe") or {}).get("failureThreshold") or 3)
+                running.probes[key] = {"url": url, "threshold": threshold, "ready": False, "failures": 0, "since": 0.0}
+        return running
 
     def _agent_image(self, agent: dict[str, Any]) -> kubelet.Image | None:
         if self.config.agent_from_image is False:
@@ -635,7 +657,13 @@ class PodRunner:
         return self._image_store
 
     def _agent_from_image(
-        self, pod: dict[str, Any], agent: dict[str, Any], image: kubelet.Image, adapters: Path, port: int
+        self,
+        pod: dict[str, Any],
+        agent: dict[str, Any],
+        image: kubelet.Image,
+        adapters: Path,
+        port: int,
+        extra_mounts: Sequence[tuple[Path, str, bool]] = (),
     ) -> ImageProc:
         """The agent container from its image, as a kubelet runs it (env, user, command), except that it binds
         the pod IP and keeps adapters in the pod's host directory, mounted at the same path, so the server
@@ -645,7 +673,48 @@ class PodRunner:
         adapters = shared_adapters_dir(pod["metadata"]["uid"])
         adapters.chmod(0o777)
         flags = {"--host": pod["status"]["podIP"], "--port": str(port), "--dir": str(adapters)}
-        return self._from_image(pod, agent, image, "agent", flags, [(adapters, str(adapters), False)], port)
+        if "--base-model" in _args(agent):
+            flags["--base-model"] = PODRUNNER_MODEL  # what vLLM's --model is here (its resolver compares them)
+        if "--names-dir" in _args(agent):
+            flags["--names-dir"] = str(adapters)
+        mounts = [(adapters, str(adapters), False), *extra_mounts]
+        return self._from_image(pod, agent, image, "agent", flags, mounts, port)
+
+    def _configmap_volumes(
+        self, pod: dict[str, Any], container: dict[str, Any]
+    ) -> list[tuple[dict[str, Any], Path, str]]:
+        """The container's configMap volumes, written from the API beside the pod's adapters (kubelet's files)."""
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        root = shared_adapters_dir(pod["metadata"]["uid"]).parent / "volumes"
+        out = []
+        for mount in container.get("volumeMounts") or []:
+            source = (volumes.get(mount["name"]) or {}).get("configMap")
+            if source is None:
+                continue
+            host = root / mount["name"]
+            self._write_configmap(pod["metadata"]["namespace"], source, host)
+            out.append((source, host, str(mount["mountPath"])))
+        return out
+
+    def _write_configmap(self, namespace: str, source: dict[str, Any], host: Path) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            obj = self.core.read_namespaced_config_map(source["name"], namespace)
+            data: dict[str, bytes] | None = {k: v.encode() for k, v in (obj.data or {}).items()}
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            if not source.get("optional"):
+                raise ValueError(f'configmap "{source["name"]}" not found') from exc
+            data = None
+        mode = int(source.get("defaultMode") or 0o644)
+        files = {} if data is None else {k: (v, mode) for k, v in data.items()}
+        for item in source.get("items") or []:
+            if data is not None and item["key"] in data:
+                files.pop(item["key"], None)
+                files[item["path"]] = (data[item["key"]], int(item.get("mode") or mode))
+        kubelet.Volumes._write(host, files, None)
 
     def _vllm_from_image(self, pod: dict[str, Any], server: dict[str, Any], model: Path, port: int) -> ImageProc:
         """vLLM from the server container's image, with its entrypoint, args and env, bound to the pod IP, serving
@@ -656,9 +725,12 @@ class PodRunner:
         adapters = shared_adapters_dir(pod["metadata"]["uid"])
         adapters.chmod(0o777)
         model_copy = _readable_model(model)
-        flags = {"--host": pod["status"]["podIP"], "--port": str(port), "--model": "/mnt/podrunner-model"}
-        mounts = [(adapters, str(adapters), True), (model_copy, "/mnt/podrunner-model", True)]
-        return self._from_image(pod, server, image, "server", flags, mounts, port)
+        flags = {"--host": pod["status"]["podIP"], "--port": str(port), "--model": PODRUNNER_MODEL}
+        mounts = [(adapters, str(adapters), True), (model_copy, PODRUNNER_MODEL, True)]
+        proc = self._from_image(pod, server, image, "server", flags, mounts, port)
+        if "VLLM_LORA_RESOLVER_CACHE_DIR" in proc.env:
+            proc.env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(adapters)  # /adapters is at the host path here
+        return proc
 
     def _from_image(
         self,
@@ -696,6 +768,60 @@ class PodRunner:
             mounts=mounts,
         )
 
+    def _kubelet_loop(self) -> None:
+        """Serving mode, as a kubelet: refresh ConfigMap volumes in place, and write the pods' Ready condition
+        from their containers' readinessProbes (a restarted or exited container is not ready until it passes)."""
+        while not self._stopping.wait(1.0):
+            with self.lock:
+                pods = list(self.pods.values())
+            for pod in pods:
+                try:
+                    self._kubelet_pass(pod)
+                except Exception as exc:
+                    log.warning("Pod status update failed pod=%s/%s error=%s", pod.namespace, pod.name, exc)
+
+    def _kubelet_pass(self, pod: RunningPod) -> None:
+        now = time.monotonic()
+        if pod.configmaps and now - pod.refreshed >= 2.0:
+            pod.refreshed = now
+            for source, host in pod.configmaps:
+                self._write_configmap(pod.namespace, source, host)
+        for key, probe in pod.probes.items():
+            proc = pod.procs.get(key)
+            alive = proc is not None and proc.process is not None and proc.process.poll() is None
+            if proc is None or not alive or proc.started_at != probe["since"]:
+                # a new (or dead) container starts not ready
+                probe.update(ready=False, failures=0, since=proc.started_at if proc is not None else 0.0)
+                if not alive:
+                    continue
+            if _probe(probe["url"]):
+                probe.update(ready=True, failures=0)
+            else:
+                probe["failures"] += 1
+                if probe["failures"] >= probe["threshold"]:
+                    probe["ready"] = False
+        ready = bool(pod.probes) and all(p["ready"] for p in pod.probes.values())
+        if ready == pod.ready:
+            return
+        with self.lock:
+            if self.pods.get((pod.namespace, pod.name)) is not pod:
+                return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        value = "True" if ready else "False"
+        conditions = [
+            {"type": kind, "status": value, "lastTransitionTime": stamp}
+            | ({} if ready else {"reason": "ContainersNotReady"})
+            for kind in ("Ready", "ContainersReady")
+        ]
+        self.core.patch_namespaced_pod_status(
+            pod.name,
+            pod.namespace,
+            {"status": {"conditions": conditions}},
+            _content_type="application/strategic-merge-patch+json",
+        )
+        pod.ready = ready
+        log.info("Pod readiness pod=%s/%s ready=%s", pod.namespace, pod.name, ready)
+
     def _supervise_loop(self) -> None:
         while not self._stopping.wait(0.5):
             with self.lock:
@@ -725,6 +851,17 @@ class PodRunner:
                             proc.next_start = 0.0
                             proc.restarts += 1
                             proc.start()
+
+
+PODRUNNER_MODEL = "/mnt/podrunner-model"
+
+
+def _probe(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a 127.x pod IP
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _scratch_mounts(pod: dict[str, Any], container: dict[str, Any]) -> list[tuple[Path, str, bool]]:

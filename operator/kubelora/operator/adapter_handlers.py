@@ -1,11 +1,20 @@
 """Thin kopf handlers for AdapterDeployments; the work is in ``adapterdeployments.py``.
 
-- create/update(spec)/resume and a resync timer (every ``KUBELORA_ADAPTER_RESYNC_SECONDS``, default 3)
-  run the same level-based pass; the timer is what repairs drift (a restarted or new vLLM pod gets its
-  adapter back, failed loads are retried).
-- a LoRAJob whose status changes (phase, digest, eval verdict) starts a pass of the AdapterDeployments
-  that name it, so a rollout begins as soon as the adapter is published.
-- delete unloads the adapter from every pod (kopf's finalizer holds the object until then).
+Watches feed one per-key work queue (``workqueue.WorkQueue``, keys ``(namespace, name)``); its workers run
+the level-based pass, one at a time per AdapterDeployment, each with a timeout:
+
+- an AdapterDeployment seen for the first time, or with a new generation;
+- a LoRAJob whose status changes (phase, digest, eval verdict), for the AdapterDeployments that name it,
+  so a rollout begins as soon as the adapter is published;
+- a pod that turns Ready or not, restarts a container, changes IP or goes away, for the
+  AdapterDeployments whose target selector matches it: a restarted or new vLLM pod gets its adapter back
+  without polling;
+- the pass itself asks for another look when time matters (a rollout in flight, a retry backoff, a source
+  not yet readable); and every ``KUBELORA_ADAPTER_RESYNC_SECONDS`` (default 300) every AdapterDeployment
+  is queued once more, the safety net for a missed event.
+
+Delete unloads the adapter from every pod (kopf's finalizer holds the object until then): that is
+cleanup outside the cluster, the one reason for a finalizer. Nothing else adds one.
 
 All HTTP goes through one aiohttp session (``memo.http``) and Kubernetes calls through
 ``asyncio.to_thread``, so nothing blocks the event loop.
@@ -30,12 +39,17 @@ import kopf
 
 from kubelora.api.v1alpha1 import GROUP, VERSION
 from kubelora.operator import adapterdeployments
+from kubelora.operator.conditions import create_event
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.lorajobs import Event
+from kubelora.operator.server_pods import selector_matches
+from kubelora.operator.workqueue import WorkQueue
 
 ADAPTERDEPLOYMENTS = (GROUP, VERSION, "adapterdeployments")
 LORAJOBS = (GROUP, VERSION, "lorajobs")
-RESYNC_SECONDS = float(os.environ.get("KUBELORA_ADAPTER_RESYNC_SECONDS", "3"))
+RESYNC_SECONDS = float(os.environ.get("KUBELORA_ADAPTER_RESYNC_SECONDS", "300"))
+#: The longest one pass may take (downloads and loads have their own, shorter timeouts).
+PASS_TIMEOUT_SECONDS = float(os.environ.get("KUBELORA_ADAPTER_PASS_TIMEOUT_SECONDS", "900"))
 #: Set by main(): this process runs only the AdapterDeployment controller and owns kopf's settings.
 STANDALONE = False
 
@@ -73,10 +87,26 @@ async def start_adapter_controller(settings: kopf.OperatorSettings, memo: Any, l
         adapterdeployments.KubeApi(api_client), memo.http, config, runtime_settings
     )
     memo.adapter_api_client = api_client
-    memo.adapter_tasks = set()
+    _EVENTS_API["client"] = api_client
     memo.lorajob_seen = {}
+    memo.ad_seen = {}  # (namespace, name) -> (uid, generation): what the queue was last asked for
+    memo.pod_seen = {}  # pod uid -> readiness fingerprint
+    runtime = memo.adapters
+
+    async def reconcile_key(key: tuple[str, str]) -> float | None:
+        return await adapterdeployments.reconcile(runtime, key[0], key[1], _post)
+
+    queue: WorkQueue[tuple[str, str]] = WorkQueue(
+        "adapterdeployments", reconcile_key, workers=runtime_settings.concurrency, timeout=PASS_TIMEOUT_SECONDS
+    )
+    memo.adapter_queue = queue
+    queue.resync(lambda: list(memo.ad_seen), RESYNC_SECONDS)
+    if not STANDALONE and os.environ.get("KUBELORA_PEERING_NAME"):
+        # Like kopf, start paused until the peering says this replica leads (handlers.follow_peering resumes it).
+        queue.pause()
+    queue.start()
     logger.info(
-        "Started AdapterDeployment controller resyncSeconds=%s concurrency=%d agentPort=%d",
+        "Started AdapterDeployment controller resyncSeconds=%s workers=%d agentPort=%d",
         RESYNC_SECONDS,
         runtime_settings.concurrency,
         runtime_settings.agent_port,
@@ -97,8 +127,9 @@ def _new_api_client() -> Any:
 
 @kopf.on.cleanup()
 async def stop_adapter_controller(memo: Any, **_: Any) -> None:
-    for task in list(getattr(memo, "adapter_tasks", ())):
-        task.cancel()
+    queue = getattr(memo, "adapter_queue", None)
+    if queue is not None:
+        await queue.stop()
     http = getattr(memo, "http", None)
     if http is not None:
         await http.close()
@@ -107,20 +138,49 @@ async def stop_adapter_controller(memo: Any, **_: Any) -> None:
 
 
 def _post(obj: Mapping[str, Any], event: Event) -> None:
-    kopf.event(dict(obj), type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
+    """Post an Event about an AdapterDeployment without blocking the loop (the queue's workers run outside
+    kopf's handlers, where kopf's own event poster is not available)."""
+    api_client = _EVENTS_API.get("client")
+    if api_client is None:
+        return
+    body = {"metadata": dict(obj["metadata"])}
+    future = asyncio.get_running_loop().run_in_executor(
+        None, create_event, api_client, body, "AdapterDeployment", event.type, event.reason, event.message
+    )
+    future.add_done_callback(_log_post_failure)
 
 
-@kopf.on.create(*ADAPTERDEPLOYMENTS, errors=kopf.ErrorsMode.IGNORED)
-@kopf.on.update(*ADAPTERDEPLOYMENTS, field="spec", errors=kopf.ErrorsMode.IGNORED)
-@kopf.on.resume(*ADAPTERDEPLOYMENTS, errors=kopf.ErrorsMode.IGNORED)
-async def reconcile_adapterdeployment(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    # Errors are left to the resync timer, which runs the same pass a few seconds later.
-    await adapterdeployments.reconcile(memo.adapters, namespace or "default", name, _post)
+def _log_post_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logging.getLogger("kubelora.adapterdeployment").warning("Could not post an event error=%s", future.exception())
 
 
-@kopf.timer(*ADAPTERDEPLOYMENTS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def resync_adapterdeployment(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    await adapterdeployments.reconcile(memo.adapters, namespace or "default", name, _post)
+_EVENTS_API: dict[str, Any] = {}
+
+
+@kopf.on.event(*ADAPTERDEPLOYMENTS)
+async def adapterdeployment_changed(
+    body: kopf.Body, namespace: str | None, name: str | None, memo: Any, **kwargs: Any
+) -> None:
+    queue = getattr(memo, "adapter_queue", None)
+    if queue is None or namespace is None or name is None:
+        return
+    key = (namespace, name)
+    if (kwargs.get("event") or {}).get("type") == "DELETED":
+        memo.ad_seen.pop(key, None)
+        queue.forget(key)
+        memo.adapters.forget(namespace, name, (body.get("metadata") or {}).get("uid"))
+        # One that lost a servedName conflict to it may serve now.
+        for other in [k for k in memo.ad_seen if k[0] == namespace]:
+            queue.add(other)
+        return
+    # Its own status writes come back as events too: only a new object, a new generation or a deletion
+    # starting needs a pass (the pass itself schedules what time-driven work remains).
+    meta = body.get("metadata") or {}
+    fingerprint = (meta.get("uid"), meta.get("generation"), bool(meta.get("deletionTimestamp")))
+    if memo.ad_seen.get(key) != fingerprint:
+        memo.ad_seen[key] = fingerprint
+        queue.add(key)
 
 
 @kopf.on.delete(*ADAPTERDEPLOYMENTS, retries=3, backoff=2)
@@ -160,9 +220,33 @@ async def lorajob_changed(body: kopf.Body, namespace: str | None, name: str | No
         memo.lorajob_seen[key] = fingerprint
     index = kwargs.get("adapterdeployments_by_lorajob") or {}
     for ad_name in set(index.get(key, [])):
-        task = asyncio.create_task(adapterdeployments.reconcile(runtime, namespace, ad_name, _post))
-        memo.adapter_tasks.add(task)
-        task.add_done_callback(memo.adapter_tasks.discard)
+        memo.adapter_queue.add((namespace, ad_name))
+
+
+def _pod_fingerprint(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    status = body.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
+    return (status.get("podIP"), ready, restarts, bool((body.get("metadata") or {}).get("deletionTimestamp")))
+
+
+@kopf.on.event("", "v1", "pods")
+async def pod_changed(body: kopf.Body, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    queue = getattr(memo, "adapter_queue", None)
+    uid = (body.get("metadata") or {}).get("uid")
+    if queue is None or namespace is None or not uid:
+        return
+    if (kwargs.get("event") or {}).get("type") == "DELETED":
+        memo.pod_seen.pop(uid, None)
+    else:
+        fingerprint = _pod_fingerprint(body)
+        if memo.pod_seen.get(uid) == fingerprint:
+            return
+        memo.pod_seen[uid] = fingerprint
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    for (ad_namespace, ad_name), selector in list(memo.adapters.selectors.items()):
+        if ad_namespace == namespace and selector_matches(selector, labels):
+            queue.add((ad_namespace, ad_name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,12 +67,16 @@ class AdapterReader:
             )
         from minio.error import S3Error
 
-        from kubelora.storage import make_client, parse_s3
+        from kubelora.storage import QUICK_TIMEOUTS, make_client, parse_s3
 
         client = self._clients.get(credentials)
         if client is None:
             client = make_client(
-                credentials.endpoint, credentials.access_key, credentials.secret_key, credentials.secure
+                credentials.endpoint,
+                credentials.access_key,
+                credentials.secret_key,
+                credentials.secure,
+                timeouts=QUICK_TIMEOUTS,
             )
             self._clients[credentials] = client
         location = parse_s3(uri)

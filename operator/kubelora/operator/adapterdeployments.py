@@ -31,7 +31,9 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +43,8 @@ from kubelora.api.v1alpha1 import (
     GROUP,
     VERSION,
     AdapterDeployment,
+    RolloutStep,
+    RolloutStrategy,
     dump,
     short_digest,
 )
@@ -54,8 +58,10 @@ from kubelora.operator.managed_server import (
     SPEC_HASH_ANNOTATION,
     agent_token_secret,
     managed_deployment,
+    managed_name,
     managed_network_policy,
     owner_reference,
+    preload_configmap,  # preload:
 )
 from kubelora.operator.server_pods import (
     KEEP,
@@ -98,6 +104,10 @@ class Runtime:
         self.locks: dict[str, asyncio.Lock] = {}
         self.tracks: dict[str, dict[str, PodTrack]] = {}
         self.adapters: dict[tuple[str, str | None, str, str, str | None], ResolvedAdapter] = {}
+        self.selectors: dict[tuple[str, str], str] = {}  # (namespace, name) -> the target pods' label selector
+        self.retired: set[tuple[str, int | None]] = set()  # (uid, generation) checked for a managed server to delete
+        # (namespace, servedName) -> {AdapterDeployment name: (creationTimestamp, uids of its target pods)}
+        self.claims: dict[tuple[str, str], dict[str, tuple[str, frozenset[str]]]] = {}
         self.to_thread: Callable[..., Awaitable[Any]] = asyncio.to_thread
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
@@ -105,12 +115,43 @@ class Runtime:
 
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
         self.locks.pop(f"{namespace}/{name}", None)
+        self.selectors.pop((namespace, name), None)
+        self.release_claims(namespace, name)
         if uid:
             self.tracks.pop(uid, None)
+
+    def release_claims(self, namespace: str, name: str, keep: str | None = None) -> None:
+        """Drop what ``name`` claims, except under the served name ``keep``."""
+        for (claim_namespace, served), claimants in list(self.claims.items()):
+            if claim_namespace != namespace or served == keep or name not in claimants:
+                continue
+            del claimants[name]
+            if not claimants:
+                del self.claims[(claim_namespace, served)]
+
+    def claim(self, ad: AdapterDeployment, pods: Sequence[Pod]) -> str | None:
+        """Record that ``ad`` serves its servedName on ``pods``; the older AdapterDeployment that already does
+        on any of them, if there is one (that one wins: the newer gets a Conflict and touches nothing)."""
+        namespace, name, served = ad.metadata.namespace or "default", ad.metadata.name, ad.spec.served_name
+        created = str((ad.metadata.model_extra or {}).get("creationTimestamp") or "")
+        self.release_claims(namespace, name, keep=served)
+        claimants = self.claims.setdefault((namespace, served), {})
+        mine = frozenset(p.uid for p in pods)
+        claimants[name] = (created, mine)
+        older = sorted(
+            (other_created, other)
+            for other, (other_created, other_pods) in claimants.items()
+            if other != name and other_pods & mine and (other_created, other) < (created, name)
+        )
+        return older[0][1] if older else None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Kubernetes reads and writes (synchronous; called through asyncio.to_thread)
+
+
+class ManagedServerConflictError(Exception):
+    """A Deployment of the managed server's name exists and another controls it."""
 
 
 class KubeApi:
@@ -227,18 +268,84 @@ class KubeApi:
         networking.patch_namespaced_network_policy(name, namespace, {"spec": body["spec"]})
         return "updated"
 
-    def apply_deployment(self, namespace: str, body: dict[str, Any]) -> str:
-        """Create the Deployment, or patch it when its spec hash changed. Returns created|updated|unchanged."""
+    def apply_configmap(self, namespace: str, body: dict[str, Any]) -> str:  # preload:
+        """Create the ConfigMap, or patch its data when it differs. Returns created|updated|unchanged."""
+        from kubernetes.client.exceptions import ApiException
+
         name = body["metadata"]["name"]
-        existing = self.get_deployment(namespace, name)
-        if existing is None:
-            self.apps.create_namespaced_deployment(namespace, body)  # type: ignore[arg-type]
-            return "created"
-        wanted = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-        if (existing["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == wanted:
+        try:
+            existing = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            try:
+                self.core.create_namespaced_config_map(namespace, body)  # type: ignore[arg-type]
+                return "created"
+            except ApiException as created:
+                if created.status != 409:
+                    raise
+                existing = self.core.read_namespaced_config_map(name, namespace)
+        if (existing.data or {}) == body["data"]:
             return "unchanged"
-        self.apps.patch_namespaced_deployment(name, namespace, body)
+        self.core.patch_namespaced_config_map(name, namespace, {"data": body["data"]})
         return "updated"
+
+    def apply_deployment(self, namespace: str, body: dict[str, Any]) -> str:
+        """Server-side apply of the managed Deployment when its spec hash changed. Returns created|updated|unchanged.
+
+        A Deployment of that name that this AdapterDeployment does not control is never taken over: adoption
+        is only through the controller ownerReference (ManagedServerConflictError otherwise)."""
+        name = body["metadata"]["name"]
+        owner = body["metadata"]["ownerReferences"][0]["uid"]
+        existing = self.get_deployment(namespace, name)
+        if existing is not None:
+            refs: list[dict[str, Any]] = existing["metadata"].get("ownerReferences") or []
+            controller = next((r for r in refs if r.get("controller")), {})
+            if controller.get("uid") != owner:
+                raise ManagedServerConflictError(
+                    f"Deployment {namespace}/{name} exists and is not controlled by this AdapterDeployment; "
+                    "rename or delete it"
+                )
+            wanted = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+            if (existing["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) == wanted:
+                return "unchanged"
+        # Server-side apply: kubelora owns the fields it sets; fields others own (an HPA's replicas would be
+        # one, were there one) are left alone, and conflicts over kubelora's own fields are taken back.
+        self.apps.patch_namespaced_deployment(
+            name,
+            namespace,
+            body,
+            field_manager="kubelora",
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+        return "created" if existing is None else "updated"
+
+    def delete_owned(self, namespace: str, name: str, owner_uid: str) -> list[str]:
+        """Delete the managed Deployment and NetworkPolicy ``name`` if ``owner_uid`` controls them."""
+        from kubernetes import client
+
+        networking = client.NetworkingV1Api(self.api_client)
+        deleted = []
+        for kind, read, delete in (
+            ("Deployment", self.apps.read_namespaced_deployment, self.apps.delete_namespaced_deployment),
+            (
+                "NetworkPolicy",
+                networking.read_namespaced_network_policy,
+                networking.delete_namespaced_network_policy,
+            ),
+        ):
+            try:
+                existing = read(name, namespace)
+            except Exception as exc:
+                if self._missing(exc):
+                    continue
+                raise
+            owners = (existing.metadata.owner_references if existing.metadata else None) or []
+            if any(o.uid == owner_uid and o.controller for o in owners):
+                delete(name, namespace, propagation_policy="Background")
+                deleted.append(f"{kind} {name}")
+        return deleted
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,6 +387,33 @@ def parse(obj: Mapping[str, Any]) -> AdapterDeployment:
 def _replicas(results: Iterable[PodResult]) -> list[dict[str, Any]]:
     ordered = sorted(results, key=lambda r: (r.state != "Failed", r.pod.name))
     return [dump(r.replica()) for r in ordered[:MAX_REPLICA_ENTRIES]]
+
+
+def rollout_steps(strategy: RolloutStrategy, pod_count: int) -> list[tuple[int, int]]:
+    """(pods, bake seconds) of each Canary step before "all pods": spec.rollout.steps, else one step of
+    canaryReplicas with no bake. Percentages round up; every step has at least one pod."""
+    steps = strategy.steps or [RolloutStep(replicas=strategy.canary_replicas)]
+    out = []
+    for step in steps:
+        count = step.replicas if step.replicas is not None else math.ceil(pod_count * (step.percent or 0) / 100)
+        out.append((max(1, min(count, max(pod_count, 1))), step.bake_seconds))
+    return out
+
+
+def limit_switching(
+    wants: dict[str, WantValue], before: Mapping[str, str | None], digest: str, most: int | None
+) -> dict[str, WantValue]:
+    """At most ``most`` pods move to ``digest`` in one pass (spec.rollout.maxUnavailable); the others keep
+    what they serve until a later pass. Pods already serving it count as done."""
+    if most is None:
+        return wants
+    out = dict(wants)
+    moving = [
+        n for n, w in sorted(wants.items()) if isinstance(w, Want) and w.digest == digest and before.get(n) != digest
+    ]
+    for name in moving[most:]:
+        out[name] = KEEP
+    return out
 
 
 def choose_canary(pods: Sequence[Pod], results_before: Mapping[str, str | None], digest: str, count: int) -> list[Pod]:
@@ -370,11 +504,22 @@ class Pass:
         self.status["observedGeneration"] = self.generation
         if self.observed is None:
             resolution = await resolve(runtime, ad)
-            managed_problem = await self.ensure_managed(resolution.secret_name) if spec.target.managed else None
+            if spec.target.managed:
+                managed_problem = await self.ensure_managed(resolution.secret_name)
+            else:
+                managed_problem = None
+                await self.retire_managed()
             pods, target_problem = await target_pods(runtime, ad)
             self.observed = Observed(resolution, pods, managed_problem or target_problem)
         resolution, pods, target_problem = self.observed.resolution, self.observed.pods, self.observed.target_problem
         rolling = self.phase in ROLLOUT_PHASES
+        owner = runtime.claim(ad, pods)
+        if owner is not None:
+            return self.conflict(owner)
+        if self.reason_of("Conflict") == "ServedNameInUse":
+            self.condition(
+                "Conflict", False, "NoConflict", f"No other AdapterDeployment serves {spec.served_name} here"
+            )
 
         if resolution.state == "refused":
             self.condition("Admitted", False, resolution.reason, resolution.message)
@@ -388,17 +533,23 @@ class Pass:
             self.condition("Ready", False, resolution.reason, resolution.message + serving)
         elif resolution.state == "pending":
             if rolling:
-                # a transient problem (storage, API): keep the rollout where it is and try again later
-                self.status["message"] = f"Rollout paused: {resolution.message}"
-                return Step(self.status, self.events)
+                # The source went away or cannot be read now (storage, a deleted LoRAJob): keep converging the
+                # pods with what the status names; the smoke check waits for the source, the deadline does not.
+                self.condition("Admitted", False, resolution.reason, resolution.message)
+                step = await self.drive(pods, target_problem, None)
+                if self.phase in ROLLOUT_PHASES:
+                    self.status["message"] = f"{self.status.get('message')}; source unavailable: {resolution.message}"
+                return step
             if self.reason_changed("Admitted", resolution.reason):
                 kind = "Warning" if resolution.reason.endswith(("NotFound", "Unavailable")) else "Normal"
                 self.event(kind, resolution.reason, resolution.message)
             self.condition("Admitted", False, resolution.reason, resolution.message)
-            serving = f"; still serving {short_digest(self.active.digest)}" if self.active else ""
-            self.status["phase"] = "Pending"
-            self.status["message"] = resolution.message + serving
-            self.condition("Ready", False, resolution.reason, resolution.message + serving)
+            if not (self.phase in ("RolledBack", "Failed") and self._decided_here()):
+                # (a rollout that failed for this spec keeps saying so; Admitted says the source is gone too)
+                serving = f"; still serving {short_digest(self.active.digest)}" if self.active else ""
+                self.status["phase"] = "Pending"
+                self.status["message"] = resolution.message + serving
+                self.condition("Ready", False, resolution.reason, resolution.message + serving)
         else:
             adapter = resolution.adapter
             assert adapter is not None
@@ -412,6 +563,23 @@ class Pass:
             if self.phase in ("Pending", "Refused") and self.active and self.active.digest == adapter.digest:
                 self.status["phase"] = "Ready"  # the gate passes again for what is already served
         return await self.drive(pods, target_problem, resolution.adapter if resolution.state == "ok" else None)
+
+    def conflict(self, owner: str) -> Step:
+        """Another, older AdapterDeployment serves this servedName on the same pods: do nothing, and say so."""
+        served = self.ad.spec.served_name
+        message = (
+            f"AdapterDeployment {owner} (older) already serves {served} on these pods; this one loads nothing "
+            f"until that one is gone or serves another name"
+        )
+        if self.phase in ROLLOUT_PHASES:
+            self.abandon_rollout(message)
+        if self.reason_of("Conflict") != "ServedNameInUse":
+            self.event("Warning", "Conflict", message)
+        self.condition("Conflict", True, "ServedNameInUse", message)
+        self.condition("Ready", False, "ServedNameConflict", message)
+        self.status["phase"] = "Refused"
+        self.status["message"] = message
+        return Step(self.status, self.events)
 
     def reason_of(self, type_: str) -> str | None:
         condition = get_condition(list(self.status.get("conditions") or []), type_)
@@ -446,8 +614,11 @@ class Pass:
         self.restart_progress_clock()
         canary = rollout.strategy == "Canary"
         self.status["phase"] = "Canary" if canary else "Loading"
+        self.status["currentStep"] = 0 if canary else None
+        self.status["stepStartedAt"] = None
+        steps = rollout_steps(rollout, pod_count)
         how = (
-            f"Canary on {min(rollout.canary_replicas, max(pod_count, 1))} of {pod_count} pods"
+            f"Canary on {steps[0][0]} of {pod_count} pods" + (f", {len(steps)} steps" if len(steps) > 1 else "")
             if canary
             else f"AllAtOnce on {pod_count} pods"
         )
@@ -471,10 +642,33 @@ class Pass:
         unfinished = self.active
         previous = self.previous
         self.set_digests(previous, unfinished)
+        self.status["currentStep"] = self.status["stepStartedAt"] = None
         self.status["phase"] = "Ready" if previous else "Pending"
         message = f"Rollout of {short_digest(unfinished.digest) if unfinished else 'nothing'} stopped: {why}"
         self.condition("Progressing", False, "RolloutSuperseded", message)
         self.event("Normal", "RolloutSuperseded", message)
+
+    async def retire_managed(self) -> None:
+        """The target is no longer managed: delete the Deployment and NetworkPolicy this object ran, if any.
+        Checked once per spec generation, so a steady AdapterDeployment costs no extra reads."""
+        runtime, ad = self.runtime, self.ad
+        key = (ad.metadata.uid or ad.metadata.name, self.generation)
+        if key in runtime.retired or not ad.metadata.uid:
+            return
+        namespace = ad.metadata.namespace or "default"
+        try:
+            deleted = await runtime.to_thread(
+                runtime.kube.delete_owned, namespace, managed_name(ad.metadata.name), ad.metadata.uid
+            )
+        except Exception as exc:
+            log.warning("Could not delete the managed server adapterdeployment=%s/%s error=%s", namespace,
+                        ad.metadata.name, exc)  # fmt: skip
+            return
+        runtime.retired.add(key)
+        if deleted:
+            self.event(
+                "Normal", "ManagedServerDeleted", f"spec.target is no longer managed: deleted {', '.join(deleted)}"
+            )
 
     async def ensure_managed(self, secret_name: str | None) -> str | None:
         runtime = self.runtime
@@ -524,19 +718,48 @@ class Pass:
             )
         return None
 
+    async def record_preload(self, serving: Want | None) -> None:  # preload:
+        """Managed servers: what a pod that starts now should serve, in the ConfigMap its agent preloads from."""
+        if self.ad.spec.target.managed is None:
+            return
+        namespace = self.ad.metadata.namespace or "default"
+        body = preload_configmap(self.ad, self.ad.metadata.uid, dataclasses.asdict(serving) if serving else None)
+        try:
+            outcome = await self.runtime.to_thread(self.runtime.kube.apply_configmap, namespace, body)
+        except Exception as exc:
+            log.warning(
+                "Cannot write the preload ConfigMap configmap=%s/%s error=%s", namespace, body["metadata"]["name"], exc
+            )
+            return
+        if outcome != "unchanged":
+            log.info(
+                "Preload ConfigMap %s configmap=%s/%s digest=%s",
+                outcome,
+                namespace,
+                body["metadata"]["name"],
+                serving.digest if serving else None,
+            )
+
     def wants(self, pods: Sequence[Pod], before: Mapping[str, str | None]) -> tuple[dict[str, WantValue], list[Pod]]:
         phase, active, previous = self.phase, self.active, self.previous
         canary: list[Pod] = []
+        most = self.ad.spec.rollout.max_unavailable
         if phase == "Canary" and active is not None:
-            canary = choose_canary(pods, before, active.digest, self.ad.spec.rollout.canary_replicas)
+            steps = rollout_steps(self.ad.spec.rollout, len(pods))
+            count = steps[min(int(self.status.get("currentStep") or 0), len(steps) - 1)][0]
+            canary = choose_canary(pods, before, active.digest, count)
             names = {p.name for p in canary}
-            return {p.name: (active if p.name in names else previous) for p in pods}, canary
+            split: dict[str, WantValue] = {p.name: (active if p.name in names else previous) for p in pods}
+            return limit_switching(split, before, active.digest, most), canary
         if phase == "Failed":
             return dict.fromkeys((p.name for p in pods), KEEP), canary
         if active is None:
             value: WantValue = None if phase == "RolledBack" else KEEP
             return dict.fromkeys((p.name for p in pods), value), canary
-        return dict.fromkeys((p.name for p in pods), active), canary
+        wanted: dict[str, WantValue] = dict.fromkeys((p.name for p in pods), active)
+        if phase in ("Promoting", "Loading"):
+            wanted = limit_switching(wanted, before, active.digest, most)
+        return wanted, canary
 
     async def drive(self, pods: list[Pod], target_problem: str | None, adapter: ResolvedAdapter | None) -> Step:
         runtime, ad = self.runtime, self.ad
@@ -547,6 +770,8 @@ class Pass:
             return Step(self.status, self.events)
         # What pods served on the last pass decides the canary set; read it from status.
         before = {r["pod"]: r.get("digest") for r in self.status.get("replicas") or [] if r.get("state") == "Loaded"}
+        if self.phase in ("Ready", "RolledBack"):  # preload: a completed rollback (or unload), before pods unload
+            await self.record_preload(self.active)  # preload:
         wants, canary = self.wants(pods, before)
         results = await converge(runtime, uid, served_name, pods, wants)
         active = self.active
@@ -619,29 +844,60 @@ class Pass:
             return await self.check_deadline()
         if self.phase == "Canary":
             if adapter is None:
-                return Step(self.status, self.events)
-            if self.reason_of("Progressing") != "SmokeCheck":
-                # Write the loaded canary first (status shows it), then smoke-test it in the next step.
+                return await self.check_deadline()
+            steps = rollout_steps(ad.spec.rollout, len(pods))
+            index = min(int(self.status.get("currentStep") or 0), len(steps) - 1)
+            label = f"Step {index + 1}/{len(steps)}" if len(steps) > 1 else "Canary"
+            if not self.status.get("stepStartedAt"):
+                if index == 0:
+                    if self.reason_of("Progressing") != "SmokeCheck":
+                        # Write the loaded canary first (status shows it), then smoke-test it in the next step.
+                        message = (
+                            f"{label}: {short_digest(active.digest)} loaded on {', '.join(p.name for p in canary)} "
+                            f"({loaded}/{len(pods)} pods); running the smoke check"
+                        )
+                        self.status["message"] = message
+                        self.condition("Progressing", True, "SmokeCheck", message)
+                        self.condition("Ready", False, "RolloutInProgress", message)
+                        return Step(self.status, self.events, again=True, observed=self.observed)
+                    smoke = await smoke_check(self.runtime, ad, adapter, canary)
+                    if not smoke.passed:
+                        return self.fail("SmokeCheckFailed", smoke.message)
+                    self.event("Normal", "SmokeCheckSkipped" if smoke.skipped else "CanaryPassed", smoke.message)
+                self.status["stepStartedAt"] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+            started = _parse_time(self.status.get("stepStartedAt")) or _now()
+            left = steps[index][1] - (_now() - started).total_seconds()
+            if left > 0:
                 message = (
-                    f"Canary: {short_digest(active.digest)} loaded on {', '.join(p.name for p in canary)} "
-                    f"({loaded}/{len(pods)} pods); running the smoke check"
+                    f"{label}: {short_digest(active.digest)} on {len(canary)}/{len(pods)} pods, baking "
+                    f"{math.ceil(left)}s more"
                 )
                 self.status["message"] = message
-                self.condition("Progressing", True, "SmokeCheck", message)
+                self.condition("Progressing", True, "Baking", message)
                 self.condition("Ready", False, "RolloutInProgress", message)
+                return await self.check_deadline()
+            if index + 1 < len(steps):
+                self.status["currentStep"] = index + 1
+                self.status["stepStartedAt"] = None
+                message = (
+                    f"Step {index + 2}/{len(steps)}: loading {short_digest(active.digest)} on "
+                    f"{steps[index + 1][0]} of {len(pods)} pods"
+                )
+                self.status["message"] = message
+                self.condition("Progressing", True, "StepStarted", message)
+                self.condition("Ready", False, "RolloutInProgress", message)
+                self.event("Normal", "RolloutStep", message)
                 return Step(self.status, self.events, again=True, observed=self.observed)
-            smoke = await smoke_check(self.runtime, ad, adapter, canary)
-            if not smoke.passed:
-                return self.fail("SmokeCheckFailed", smoke.message)
-            self.event("Normal", "SmokeCheckSkipped" if smoke.skipped else "CanaryPassed", smoke.message)
             self.status["phase"] = "Promoting"
-            message = f"Promoting {short_digest(active.digest)} to all {len(pods)} pods; {smoke.message}"
+            self.status["currentStep"] = self.status["stepStartedAt"] = None
+            message = f"Promoting {short_digest(active.digest)} to all {len(pods)} pods after {len(steps)} step(s)"
             self.status["message"] = message
             self.condition("Progressing", True, "Promoting", message)
             self.condition("Ready", False, "RolloutInProgress", message)
             return Step(self.status, self.events, again=True, observed=self.observed)
         summary = f"{short_digest(active.digest)} loaded on {loaded}/{len(pods)} pods as {ad.spec.served_name}"
         self.status["phase"] = "Ready"
+        await self.record_preload(active)  # preload: the rollout completed
         self.status["message"] = summary
         self.condition("Progressing", False, "RolloutComplete", f"Rollout of {short_digest(active.digest)} complete")
         self.condition("Ready", True, "AdapterLoaded", summary)
@@ -659,6 +915,9 @@ class Pass:
         progressing = get_condition(list(self.status.get("conditions") or []), "Progressing")
         started = _parse_time(progressing.get("lastTransitionTime") if progressing else None)
         limit = self.runtime.settings.rollout_timeout_seconds
+        if self.ad.spec.rollout.strategy == "Canary":
+            # Bake times are the rollout's own waiting, not slowness: they extend the deadline.
+            limit += sum(bake for _, bake in rollout_steps(self.ad.spec.rollout, 1))
         if started is not None and (_now() - started).total_seconds() > limit:
             return self.fail(
                 "RolloutTimedOut", f"The rollout did not finish within {limit:.0f}s: {self.status.get('message')}"
@@ -669,6 +928,7 @@ class Pass:
         ad = self.ad
         failed, previous = self.active, self.previous
         assert failed is not None
+        self.status["currentStep"] = self.status["stepStartedAt"] = None
         if ad.spec.rollout.auto_rollback:
             self.set_digests(previous, failed)
             self.status["phase"] = "RolledBack"
@@ -724,15 +984,44 @@ def _wire_status(status: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: How soon to look again at an AdapterDeployment whose source is not there yet (storage, a Secret, a manifest).
+PENDING_RECHECK_SECONDS = 15.0
+#: Admission problems that can go away without any Kubernetes object changing (storage, a manifest not yet
+#: uploaded); gate refusals and a LoRAJob still training come back through events instead.
+RECHECKED_REASONS = frozenset({"SecretNotFound", "AdapterNotFound", "AccessDenied", "StorageUnavailable",
+                               "InvalidManifest", "NoAdapter"})  # fmt: skip
+#: How soon to look again while a rollout runs (loads in flight, canary steps, the deadline).
+ROLLOUT_RECHECK_SECONDS = 1.0
+
+
+def next_look(runtime: Runtime, uid: str, status: Mapping[str, Any]) -> float | None:
+    """Seconds until the AdapterDeployment needs another pass without any watch event, or None.
+
+    Pod, AdapterDeployment and LoRAJob changes arrive as events; only time-driven work is scheduled: a
+    rollout's progress and deadline, per-pod retry backoffs, and sources that are not readable yet.
+    """
+    phase = status.get("phase")
+    if phase in ROLLOUT_PHASES:
+        return ROLLOUT_RECHECK_SECONDS
+    admitted = get_condition(list(status.get("conditions") or []), "Admitted")
+    if admitted is not None and admitted.get("status") == "False" and admitted.get("reason") in RECHECKED_REASONS:
+        return PENDING_RECHECK_SECONDS
+    retries = [t.next_try for t in runtime.tracks.get(uid, {}).values() if t.attempts]
+    if retries:
+        return max(0.2, min(retries) - time.monotonic())
+    return None
+
+
 async def reconcile(
     runtime: Runtime, namespace: str, name: str, post: Callable[[Mapping[str, Any], Event], None] | None = None
-) -> list[Event]:
-    """One level-based pass over the AdapterDeployment ``namespace/name``. Returns the events it posted."""
+) -> float | None:
+    """One level-based pass over the AdapterDeployment ``namespace/name``; returns when to look again (seconds),
+    or None when only a change (an event) should bring it back."""
     all_events: list[Event] = []
     async with runtime.lock(namespace, name):
         obj = await runtime.to_thread(runtime.kube.get_adapterdeployment, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
-            return all_events
+            return None
         status = {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
         try:
             ad = parse(obj)
@@ -757,7 +1046,7 @@ async def reconcile(
                 if post:
                     post(obj, event)
                 all_events.append(event)
-            return all_events
+            return None
         observed: Observed | None = None
         for _ in range(8):
             step = await Pass(runtime, ad, status, observed).run()
@@ -782,7 +1071,7 @@ async def reconcile(
             status = _wire_status(new)
             if not step.again:
                 break
-    return all_events
+        return next_look(runtime, ad.metadata.uid or name, status)
 
 
 async def cleanup(runtime: Runtime, obj: Mapping[str, Any], attempts: int = 3) -> tuple[list[Event], list[str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from typing import Any
 
 from kubelora.api.v1alpha1 import Condition
@@ -39,3 +40,30 @@ def set_condition(
 
 def get_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def create_event(api_client: Any, obj: Mapping[str, Any], kind: str, type_: str, reason: str, message: str) -> None:
+    """Post a core Event about ``obj`` through the API (outside kopf's handlers, kopf's poster is not there)."""
+    from kubernetes import client
+
+    meta = obj["metadata"]
+    timestamp = now()
+    manifest: Any = {
+        "metadata": {"generateName": f"{meta['name'][:200]}."},
+        "involvedObject": {
+            "apiVersion": "kubelora.dev/v1alpha1",
+            "kind": kind,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "kubelora"},
+        "reportingComponent": "kubelora",
+        "firstTimestamp": timestamp,
+        "lastTimestamp": timestamp,
+        "count": 1,
+    }
+    client.CoreV1Api(api_client).create_namespaced_event(meta["namespace"], manifest)

@@ -50,6 +50,17 @@ class OperatorConfig(BaseModel):
     # admits its agent port only from them. Unset (the operator runs outside the cluster): no NetworkPolicy.
     operator_namespace: str | None = None
     operator_pod_labels: dict[str, str] = Field(default_factory=dict)
+    # The LoRAJob controller: a per-LoRAJob work queue fed by watches (docs/concepts.md).
+    # Every LoRAJob is looked at again at least this often, a safety net for a missed watch event.
+    resync_seconds: float = Field(default=300.0, gt=0)
+    # One reconcile of one LoRAJob (preflight, starting its Job, reading its report) never takes longer.
+    reconcile_timeout_seconds: float = Field(default=60.0, gt=0)
+    # The operator's own S3 reads (preflight, the trainer's report): a tenant's dead endpoint costs this much.
+    s3_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    s3_read_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Finished trainer Jobs (and their pods) are deleted this long after they finish; the LoRAJob keeps its status.
+    # None keeps them until their LoRAJob is deleted.
+    job_ttl_seconds_after_finished: int | None = Field(default=3600, ge=0)
 
     def price_per_hour(self, gpu_type: str | None) -> float:
         if gpu_type and gpu_type in self.gpu_prices_per_hour:

@@ -36,7 +36,7 @@ def read_model_config(uri: str, credentials: dict[str, str]) -> dict[str, Any] |
         return dict(json.loads((local / "config.json").read_text()))
     if uri.startswith("s3://"):
         location = storage.parse_s3(uri).child("config.json")
-        data = storage.read_json(storage.client_from_env(credentials), location)
+        data = storage.read_json(storage.client_from_env(credentials, timeouts=storage.QUICK_TIMEOUTS), location)
         if data is None:
             raise ValueError(f"spec.baseModel.uri: {location} does not exist")
         return dict(data)

@@ -72,11 +72,51 @@ def report_location(lorajob: LoRAJob, name: str) -> storage.S3Location:
     return storage.parse_s3(lorajob.spec.output.uri).child(report_prefix(lorajob) + name)
 
 
-def read_s3_report(lorajob: LoRAJob, credentials: dict[str, str], files: tuple[str, ...]) -> TrainerReport:
+def http_pool(connect: float = 3.0, read: float = 15.0, maxsize: int = 16) -> Any:
+    """An urllib3 pool for the operator's own S3 calls: tight timeouts, a connect retried once, a read never.
+
+    minio's default waits five minutes for a read; a tenant's dead endpoint must cost seconds, not a worker.
+    """
+    import urllib3
+
+    return urllib3.PoolManager(
+        timeout=urllib3.util.Timeout(connect=connect, read=read),
+        retries=urllib3.Retry(total=1, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        maxsize=maxsize,
+    )
+
+
+def s3_client(credentials: dict[str, str], http: Any | None = None) -> Any:
+    """A minio client for one role's credentials (env form) on the shared pool `http`."""
+    from minio import Minio
+
+    endpoint = credentials["S3_ENDPOINT"]
+    return Minio(
+        endpoint.removeprefix("http://").removeprefix("https://"),
+        access_key=credentials.get("AWS_ACCESS_KEY_ID") or None,
+        secret_key=credentials.get("AWS_SECRET_ACCESS_KEY") or None,
+        secure=credentials.get("S3_SECURE", "false").lower() == "true" or endpoint.startswith("https://"),
+        http_client=http if http is not None else _default_http(),
+    )
+
+
+_HTTP: Any = None
+
+
+def _default_http() -> Any:
+    global _HTTP
+    if _HTTP is None:
+        _HTTP = http_pool()
+    return _HTTP
+
+
+def read_s3_report(
+    lorajob: LoRAJob, credentials: dict[str, str], files: tuple[str, ...], http: Any | None = None
+) -> TrainerReport:
     """The trainer's progress snapshot and final result, from next to the adapter."""
     if not lorajob.spec.output.uri.startswith("s3://") or "S3_ENDPOINT" not in credentials:
         return TrainerReport()
-    client = storage.client_from_env(credentials)
+    client = s3_client(credentials, http)
     report = TrainerReport()
     for name in files:
         snapshot = storage.read_json(client, report_location(lorajob, name))
@@ -149,7 +189,12 @@ def observe_job(
         return Observation(state="NotStarted")
     status = job.get("status") or {}
     name = job["metadata"]["name"]
-    attempts = int(status.get("failed") or 0) + int(status.get("active") or 0) + int(status.get("succeeded") or 0)
+    # Every pod the Job made: counted (failed, succeeded), running (active), and those between, which a watch
+    # can see first: terminating, or terminated but not yet counted (the Job controller's pod finalizers).
+    uncounted = status.get("uncountedTerminatedPods") or {}
+    attempts = sum(int(status.get(k) or 0) for k in ("failed", "active", "succeeded", "terminating")) + sum(
+        len(uncounted.get(k) or []) for k in ("failed", "succeeded")
+    )
     conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
     base = Observation(state="Pending", attempts=attempts, started_at=status.get("startTime"), run_name=name)
     base.running_seconds = running_seconds(pods, TRAINER_CONTAINER)
@@ -200,6 +245,7 @@ class JobExecutor:
         self.pods: Any = {}
         self.ledger = RunLedger()
         self.ledger_pruned_at = time.monotonic()
+        self.http = http_pool(config.s3_connect_timeout_seconds, config.s3_read_timeout_seconds)
 
     def bind(self, jobs: Any, pods: Any) -> None:
         """Read Jobs (by LoRAJob UID) and pods (by Job UID) from these mappings (kopf indexes)."""
@@ -244,13 +290,13 @@ class JobExecutor:
             observation.running_seconds = self.ledger.record(job_uid, container_runs(pods, TRAINER_CONTAINER))
         self._prune_ledger()
         if observation.state == "Succeeded":
-            observation.report = read_s3_report(lorajob, credentials, ("progress.json", "result.json"))
+            observation.report = read_s3_report(lorajob, credentials, ("progress.json", "result.json"), self.http)
         elif observation.state == "Failed":
             # The trainer mirrors its error (reason, file:line message) next to the output; it says more
             # than a termination message, which a kubelet may have cut to the log's last 2 KiB.
-            observation.report = read_s3_report(lorajob, credentials, ("result.json",))
+            observation.report = read_s3_report(lorajob, credentials, ("result.json",), self.http)
         elif observation.state == "Running" and read_progress:
-            observation.report = read_s3_report(lorajob, credentials, ("progress.json",))
+            observation.report = read_s3_report(lorajob, credentials, ("progress.json",), self.http)
         return observation
 
     def _prune_ledger(self) -> None:
@@ -266,7 +312,7 @@ class JobExecutor:
 
     def read_outcome(self, lorajob: LoRAJob, credentials: dict[str, str]) -> TrainerReport:
         """The run's own terminal report, for a run whose Job is gone."""
-        return read_s3_report(lorajob, credentials, ("result.json",))
+        return read_s3_report(lorajob, credentials, ("result.json",), self.http)
 
     def cancel(self, lorajob: LoRAJob) -> None:
         """Deleting the LoRAJob deletes the Job through its owner reference; nothing else to do."""

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +22,22 @@ from pydantic import ValidationError
 from kubelora import storage
 from kubelora.api.v1alpha1 import API_VERSION, GROUP, VERSION, LoRAJob
 from kubelora.operator import lorajobs, metrics, names, preflight
-from kubelora.operator.conditions import now, set_condition
+from kubelora.operator.conditions import create_event, now, set_condition
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.executors import JobExecutor, LocalExecutor
 from kubelora.operator.jobspec import LORAJOB_LABEL
+from kubelora.operator.workqueue import WorkQueue
 
-# A safety net and the progress poll; Job and pod changes are seen through kopf's indexes on the next pass.
+# How soon an unfinished LoRAJob is looked at again when no watch would tell of the change it waits for:
+# a preflight blocked on a Secret or an input in S3, a run that has not started. Running ones are polled
+# every progressIntervalSeconds (the trainer's report); everything else is driven by watch events.
 RECONCILE_INTERVAL = float(os.environ.get("KUBELORA_RECONCILE_INTERVAL", "10"))
+#: How often a standby replica re-reads the peering object(s) to learn whether kopf paused it.
+PEERING_POLL_SECONDS = 2.0
 LORAJOBS = (GROUP, VERSION, "lorajobs")
 log = logging.getLogger("kubelora.lorajob")
+
+Key = tuple[str, str]  # (namespace, name) of a LoRAJob
 
 
 @kopf.on.startup()
@@ -55,39 +66,107 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     configuration.connection_pool_maxsize = (settings.execution.max_workers or 16) + 4
     memo.api_client = client.ApiClient(configuration)
     memo.cluster = preflight.Cluster(memo.api_client)
-    memo.objects = preflight.S3Objects()
+    memo.objects = preflight.S3Objects(
+        connect_timeout=memo.config.s3_connect_timeout_seconds, timeout=memo.config.s3_read_timeout_seconds
+    )
     if memo.config.executor == "local":
         memo.executor = LocalExecutor(memo.config)
     else:
         memo.executor = JobExecutor(memo.api_client, memo.config)
     memo.progress_read_at = {}
     memo.started_runs = set()  # uids whose run this process started, until the Job shows in the index
-    memo.lorajobs = {}
-    memo.reconciling = {}  # uid -> lock: the kopf handler and the resync loop never work on one LoRAJob at once
+    memo.lorajobs = {}  # (namespace, name) -> the latest slim body, from the watch (and our own status writes)
+    memo.lorajob_keys = {}  # LoRAJob uid -> (namespace, name): a Job's or pod's event finds its LoRAJob
+    memo.job_owners = {}  # Job uid -> its controlling LoRAJob's uid
+    memo.reconciling = {}  # uid -> lock: a timed-out run still in its thread and the next never overlap
     memo.workers = settings.execution.max_workers or 16
-    memo.resync_task = asyncio.get_running_loop().create_task(resync_loop(memo))
+    # Reconciles block on the API and S3: they run in their own threads, never in kopf's handler pool.
+    memo.pool = ThreadPoolExecutor(max_workers=memo.workers, thread_name_prefix="lorajob")
+    memo.queue = WorkQueue[Key](
+        "lorajobs",
+        functools.partial(reconcile_key, memo=memo),
+        workers=memo.workers,
+        timeout=memo.config.reconcile_timeout_seconds,
+    )
+    memo.queue.resync(functools.partial(unfinished_keys, memo), memo.config.resync_seconds)
+    peering_name = os.environ.get("KUBELORA_PEERING_NAME")
+    if peering_name:
+        # kopf starts paused until it has seen the peering object; so does the queue, and it follows kopf after.
+        memo.queue.pause()
+        memo.peering_task = asyncio.get_running_loop().create_task(
+            follow_peering(
+                lambda: [q for q in (memo.queue, getattr(memo, "adapter_queue", None)) if q is not None],
+                memo.api_client,
+                peering_name,
+                json.loads(os.environ.get("KUBELORA_PEERING_PLACES", "[null]")),
+                os.environ.get("KUBELORA_PEERING_IDENTITY", ""),
+                int(os.environ.get("KUBELORA_PEERING_PRIORITY") or settings.peering.priority or 0),
+            )
+        )
+    memo.queue.start()
     # kopf logs every handler run at INFO; at a thousand objects that drowns the phase changes.
     if not os.environ.get("KUBELORA_VERBOSE"):
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics_port = os.environ.get("KUBELORA_METRICS_PORT")
     if metrics_port:
         metrics.serve(int(metrics_port))
-    logger.info("Started kubelora operator executor=%s", memo.config.executor)
+    logger.info(
+        "Started kubelora operator executor=%s resyncSeconds=%s reconcileTimeoutSeconds=%s",
+        memo.config.executor,
+        memo.config.resync_seconds,
+        memo.config.reconcile_timeout_seconds,
+    )
 
 
 @kopf.on.cleanup()
-def cleanup(memo: Any, **_: Any) -> None:
-    task = getattr(memo, "resync_task", None)
+async def cleanup(memo: Any, **_: Any) -> None:
+    task = getattr(memo, "peering_task", None)
     if task is not None:
         task.cancel()
+    queue = getattr(memo, "queue", None)
+    if queue is not None:
+        await queue.stop()
+    pool = getattr(memo, "pool", None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
     api_client = getattr(memo, "api_client", None)
     if api_client is not None:
         api_client.close()
 
 
-def _slim(body: kopf.Body) -> dict[str, Any]:
-    meta = {k: v for k, v in body.metadata.items() if k in ("name", "namespace", "creationTimestamp", "uid")}
-    return {"metadata": meta, "status": dict(body.status)}
+def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Job as the reconcile reads it: identity and status."""
+    meta = {k: v for k, v in body["metadata"].items() if k in ("name", "namespace", "creationTimestamp", "uid")}
+    return {"metadata": meta, "status": dict(body.get("status") or {})}
+
+
+_POD_STATUS = ("phase", "reason", "conditions", "startTime")
+_CONTAINER_STATUS = ("name", "state", "lastState", "restartCount")
+
+
+def _slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod as the reconcile reads it: phase, conditions, container states (no images, IPs or spec)."""
+    slim = _slim(body)
+    status = slim["status"]
+    kept = {k: v for k, v in status.items() if k in _POD_STATUS}
+    kept["containerStatuses"] = [
+        {k: v for k, v in c.items() if k in _CONTAINER_STATUS} for c in status.get("containerStatuses") or []
+    ]
+    slim["status"] = kept
+    return slim
+
+
+_LORAJOB_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp")
+
+
+def _slim_lorajob(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A LoRAJob as the queue keeps it: no annotations (kopf's copy of the spec) and no managedFields."""
+    meta = body.get("metadata") or {}
+    slim_meta = {k: meta[k] for k in _LORAJOB_METADATA if k in meta}
+    if meta.get("deletionTimestamp"):
+        slim_meta["deletionTimestamp"] = meta["deletionTimestamp"]
+    status = {k: v for k, v in dict(body.get("status") or {}).items() if k != "kopf"}
+    return {"metadata": slim_meta, "spec": dict(body.get("spec") or {}), "status": status}
 
 
 # kopf keeps these in memory from watch streams, so a reconcile reads Jobs and pods without API calls.
@@ -103,17 +182,12 @@ def training_jobs(body: kopf.Body, **_: Any) -> dict[Any, Any]:
 @kopf.index("", "v1", "pods", labels={LORAJOB_LABEL: kopf.PRESENT})
 def training_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     owner = names.controller_uid(body.metadata, "batch/v1", "Job")
-    return {owner: _slim(body)} if owner else {}
+    return {owner: _slim_pod(body)} if owner else {}
 
 
 def _parse(body: Mapping[str, Any]) -> LoRAJob:
     """The LoRAJob with its spec validated; status is passed along raw (kopf may add to it)."""
     return LoRAJob.model_validate({"metadata": dict(body["metadata"]), "spec": dict(body["spec"])})
-
-
-def _post(body: kopf.Body, events: list[lorajobs.Event]) -> None:
-    for event in events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 def _status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -171,26 +245,7 @@ def reconcile_body(body: Any, memo: Any) -> tuple[dict[str, Any] | None, list[lo
     if new_status is None:
         return None, events
     metrics.observe_phase(key, new_status.get("phase", "Pending"), new_status.get("gpuSeconds"))
-    if new_status.get("phase") != old_status.get("phase"):
-        log.info(
-            "Phase changed lorajob=%s/%s phase=%s message=%r",
-            lorajob.metadata.namespace,
-            lorajob.metadata.name,
-            new_status.get("phase"),
-            new_status.get("message"),
-        )
     return _status_patch(old_status, new_status), events
-
-
-@kopf.on.create(*LORAJOBS)
-@kopf.on.update(*LORAJOBS, field="spec")
-@kopf.on.resume(*LORAJOBS)
-def reconcile_lorajob(body: kopf.Body, patch: kopf.Patch, memo: Any, **kwargs: Any) -> None:
-    _bind(memo, kwargs)
-    status_patch, events = reconcile_body(body, memo)
-    for field, value in (status_patch or {}).items():
-        patch.status[field] = value
-    _post(body, events)
 
 
 def _bind(memo: Any, kwargs: Mapping[str, Any]) -> None:
@@ -199,92 +254,249 @@ def _bind(memo: Any, kwargs: Mapping[str, Any]) -> None:
         memo.executor.bind(kwargs["training_jobs"], kwargs["training_pods"])
 
 
+# Watch events only feed the queue: async handlers, so they run on the event loop that owns the queue, and
+# no kopf handler writes anything (no status patch, no progress annotation) nor waits on a tenant's storage.
 @kopf.on.event(*LORAJOBS)
-def remember_lorajob(event: Any, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
-    """The latest body of every LoRAJob, for the resync loop (no per-object timers: they need finalizers)."""
-    _bind(memo, kwargs)  # before the resync loop can see a body, the executor sees the indexes
-    key = (body.metadata.get("namespace"), body.metadata.get("name"))
+async def remember_lorajob(event: Any, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    """Keep the latest body of every LoRAJob and ask for a reconcile of it."""
+    _bind(memo, kwargs)  # before the queue can see a body, the executor sees the indexes
+    meta = body.metadata
+    key: Key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+    uid = meta.get("uid")
     if event.get("type") == "DELETED":
         memo.lorajobs.pop(key, None)
-    else:
-        memo.lorajobs[key] = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+        if uid:
+            memo.lorajob_keys.pop(uid, None)
+        memo.queue.forget(key)
+        return
+    slim = _slim_lorajob(body)
+    memo.lorajobs[key] = slim
+    if uid:
+        memo.lorajob_keys[uid] = key
+    if _wanted(slim):
+        memo.queue.add(key)
 
 
-def resync_one(body: dict[str, Any], memo: Any) -> None:
-    """Reconcile one LoRAJob outside a kopf handler: write status and events through the API."""
+@kopf.on.event("batch", "v1", "jobs", labels={LORAJOB_LABEL: kopf.PRESENT})
+async def job_changed(event: Any, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """A training Job changed (created, progressed, finished, deleted): reconcile its LoRAJob."""
+    owner = names.controller_uid(body.metadata, API_VERSION, "LoRAJob")
+    job_uid = body.metadata.get("uid")
+    if job_uid:
+        if event.get("type") == "DELETED" or not owner:
+            memo.job_owners.pop(job_uid, None)
+        else:
+            memo.job_owners[job_uid] = owner
+    _add_uid(memo, owner)
+
+
+@kopf.on.event("", "v1", "pods", labels={LORAJOB_LABEL: kopf.PRESENT})
+async def pod_changed(event: Any, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """A trainer pod changed (scheduled, running, a container error, ended): reconcile its Job's LoRAJob."""
+    job_uid = names.controller_uid(body.metadata, "batch/v1", "Job")
+    _add_uid(memo, memo.job_owners.get(job_uid) if job_uid else None)
+
+
+def _add_uid(memo: Any, lorajob_uid: str | None) -> None:
+    key = memo.lorajob_keys.get(lorajob_uid) if lorajob_uid else None
+    body = memo.lorajobs.get(key) if key else None
+    if key is not None and body is not None and _wanted(body):
+        memo.queue.add(key)
+
+
+def _wanted(body: Mapping[str, Any]) -> bool:
+    meta = body.get("metadata") or {}
+    return not meta.get("deletionTimestamp") and lorajobs.needs_reconcile(body.get("status"), meta.get("generation"))
+
+
+def unfinished_keys(memo: Any) -> list[Key]:
+    """The resync's keys: every LoRAJob that is not finished (a finished one has nothing left to look at)."""
+    return [key for key, body in list(memo.lorajobs.items()) if _wanted(body)]
+
+
+def next_look(status: Mapping[str, Any] | None, config: OperatorConfig) -> float | None:
+    """Seconds until a LoRAJob with this status is looked at again without an event; None: only on an event."""
+    phase = (status or {}).get("phase")
+    if phase in lorajobs.TERMINAL_PHASES:
+        return None
+    if phase in ("Training", "Evaluating"):
+        return config.progress_interval_seconds  # the trainer's report and the GPU time move on
+    return RECONCILE_INTERVAL  # a preflight waiting on a Secret or S3, a run starting
+
+
+#: What `resync_one` returns when the API server refused a status write made from an older copy.
+CONFLICT = "conflict"
+
+
+async def reconcile_key(key: Key, memo: Any) -> float | None:
+    """The queue's reconcile of one LoRAJob: the latest body the watch delivered, never a copy of a copy."""
+    body = memo.lorajobs.get(key)
+    if body is None or not _wanted(body):
+        return None
+    loop = asyncio.get_running_loop()
+    written = await loop.run_in_executor(memo.pool, resync_one, body, memo)
+    if written == CONFLICT:
+        return 1.0  # the watch brings the newer body (and an add); this is the safety net
+    if isinstance(written, dict) and memo.lorajobs.get(key) is body:
+        # Our own write is the newest version until the watch says otherwise: the next run starts from it.
+        memo.lorajobs[key] = _slim_lorajob(written)
+    current = memo.lorajobs.get(key) or body
+    return next_look(current.get("status"), memo.config)
+
+
+def resync_one(body: dict[str, Any], memo: Any) -> dict[str, Any] | str | None:
+    """Reconcile one LoRAJob: write status and events through the API.
+
+    Returns the LoRAJob as written (None: nothing written, or it is gone), or CONFLICT.
+    """
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     status_patch, events = reconcile_body(body, memo)
     meta = body["metadata"]
+    written: dict[str, Any] | None = None
     try:
         if status_patch:
-            # Conditional on the version this pass read: a handler may have written status since (preflight's
-            # conditions, say), and a pass over an older copy must not overwrite it. 409: the next pass has it.
+            # Conditional on the version this reconcile read: a newer one (a spec edit, another writer) must
+            # not be overwritten from an older copy. 409: the watch delivers the newer one, and a reconcile.
             patch: dict[str, Any] = {"status": status_patch}
             if meta.get("resourceVersion"):
                 patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
-            client.CustomObjectsApi(memo.api_client).patch_namespaced_custom_object_status(
+            result = client.CustomObjectsApi(memo.api_client).patch_namespaced_custom_object_status(
                 GROUP, VERSION, meta["namespace"], "lorajobs", meta["name"], patch
             )
+            written = result if isinstance(result, dict) else None
+            if "phase" in status_patch:
+                log.info(
+                    "Phase changed lorajob=%s/%s phase=%s message=%r",
+                    meta.get("namespace"),
+                    meta.get("name"),
+                    status_patch["phase"],
+                    status_patch.get("message", (body.get("status") or {}).get("message")),
+                )
         for event in events:
             post_event(memo.api_client, body, event)
     except ApiException as exc:
         if exc.status == 409:
-            log.debug("Skipped a stale resync lorajob=%s/%s", meta.get("namespace"), meta.get("name"))
-            return
+            retried = _retry_on_metadata_change(body, status_patch or {}, events, memo)
+            if retried is not None:
+                return retried
+            log.debug("Skipped a stale reconcile lorajob=%s/%s", meta.get("namespace"), meta.get("name"))
+            return CONFLICT
         if exc.status != 404:  # deleted meanwhile
             raise
+    return written
+
+
+def _retry_on_metadata_change(
+    body: dict[str, Any], status_patch: dict[str, Any], events: list[lorajobs.Event], memo: Any
+) -> dict[str, Any] | None:
+    """After a 409: write again when only metadata moved on (kopf's annotations) and the status is the one read.
+
+    The reconcile that starts a run is the only one that has the preflight's verdict; losing its write to an
+    annotation would lose those conditions. A status that changed meanwhile is never overwritten.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    meta = body["metadata"]
+    api = client.CustomObjectsApi(memo.api_client)
+    try:
+        current: Any = api.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], "lorajobs", meta["name"])
+        if not isinstance(current, dict) or current.get("metadata", {}).get("generation") != meta.get("generation"):
+            return None
+        strip = lambda status: {k: v for k, v in (status or {}).items() if k != "kopf"}  # noqa: E731
+        if strip(current.get("status")) != strip(body.get("status")):
+            return None
+        patch = {"status": status_patch, "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}}
+        result = api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], "lorajobs", meta["name"], patch
+        )
+    except ApiException:
+        return None
+    for event in events:
+        post_event(memo.api_client, body, event)
+    return result if isinstance(result, dict) else None
 
 
 def post_event(api_client: Any, body: dict[str, Any], event: lorajobs.Event) -> None:
+    create_event(api_client, body, "LoRAJob", event.type, event.reason, event.message)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pause with kopf's peering: kopf keeps its own pause internal, so the queue applies kopf's rule to the same objects.
+
+
+def peering_paused(status: Mapping[str, Any] | None, identity: str, priority: int, at: datetime | None = None) -> bool:
+    """kopf's rule for one peering object's status: paused while another live peer has the same or a higher
+    priority (equal priorities pause everyone). A peer is live until its lastseen plus its lifetime."""
+    at = at or datetime.now(UTC)
+    for peer, info in (status or {}).items():
+        if peer == identity or not isinstance(info, Mapping):
+            continue
+        try:
+            lastseen = datetime.fromisoformat(str(info.get("lastseen")))
+            if lastseen.tzinfo is None:
+                lastseen = lastseen.replace(tzinfo=UTC)
+            alive = lastseen + timedelta(seconds=int(info.get("lifetime", 60))) > at
+            if alive and int(info.get("priority", 0)) >= priority:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
+
+
+def _read_peerings(api_client: Any, name: str, places: list[str | None]) -> list[dict[str, Any] | None]:
     from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
 
-    meta = body["metadata"]
-    timestamp = now()
-    manifest: Any = {
-        "metadata": {"generateName": f"{meta['name']}."},
-        "involvedObject": {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "LoRAJob",
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta.get("uid"),
-        },
-        "type": event.type,
-        "reason": event.reason,
-        "message": event.message[:1024],
-        "source": {"component": "kubelora"},
-        "reportingComponent": "kubelora",
-        "firstTimestamp": timestamp,
-        "lastTimestamp": timestamp,
-        "count": 1,
-    }
-    client.CoreV1Api(api_client).create_namespaced_event(meta["namespace"], manifest)
+    from kubelora.operator import peering
 
-
-async def resync_loop(memo: Any) -> None:
-    """Every RECONCILE_INTERVAL, reconcile each unfinished LoRAJob: Job and pod changes, progress, cost."""
-    limit = asyncio.Semaphore(memo.workers)
-
-    async def one(body: dict[str, Any]) -> None:
-        async with limit:
-            try:
-                await asyncio.to_thread(resync_one, body, memo)
-            except Exception:
-                log.exception(
-                    "Resync failed lorajob=%s/%s", body["metadata"].get("namespace"), body["metadata"].get("name")
+    api = client.CustomObjectsApi(api_client)
+    found: list[dict[str, Any] | None] = []
+    for namespace in places:
+        try:
+            if namespace is None:
+                body = api.get_cluster_custom_object(peering.GROUP, peering.VERSION, peering.CLUSTER_PLURAL, name)
+            else:
+                body = api.get_namespaced_custom_object(
+                    peering.GROUP, peering.VERSION, namespace, peering.NAMESPACED_PLURAL, name
                 )
+            found.append(dict(body) if isinstance(body, dict) else None)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            found.append(None)
+    return found
 
+
+async def follow_peering(
+    queues: Callable[[], list[WorkQueue[Any]]],
+    api_client: Any,
+    name: str,
+    places: list[str | None],
+    identity: str,
+    priority: int,
+) -> None:
+    """Pause the controllers' queues while kopf's peering pauses this replica (a standby writes nothing)."""
     while True:
-        await asyncio.sleep(RECONCILE_INTERVAL)
-        due = [
-            body
-            for body in list(memo.lorajobs.values())
-            if lorajobs.needs_reconcile(body.get("status"), body["metadata"].get("generation"))
-            and not body["metadata"].get("deletionTimestamp")
-        ]
-        await asyncio.gather(*(one(body) for body in due))
+        try:
+            bodies = await asyncio.to_thread(_read_peerings, api_client, name, places)
+            # A missing object keeps kopf paused too; any paused namespace pauses the operator.
+            paused = any(b is None or peering_paused(b.get("status"), identity, priority) for b in bodies)
+            for queue in queues():
+                if paused and not queue.paused:
+                    log.info("Pausing queue=%s peering=%s priority=%s", queue.name, name, priority)
+                    queue.pause()
+                elif not paused and queue.paused:
+                    log.info("Resuming queue=%s peering=%s priority=%s", queue.name, name, priority)
+                    queue.resume()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Unknown: keep the last answer; kopf's own keep-alive failing would not change its pause either.
+            log.warning("Cannot read the peering object peering=%s error=%r", name, str(exc)[:300])
+        await asyncio.sleep(PEERING_POLL_SECONDS)
 
 
 def _deletes_outputs(spec: Any, **_: Any) -> bool:

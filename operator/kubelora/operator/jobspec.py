@@ -38,7 +38,7 @@ def labels(lorajob: LoRAJob) -> dict[str, str]:
     return out
 
 
-#: The trainer reads S3 credentials per role (kubelora.trainer.storage): BASE_MODEL_AWS_ACCESS_KEY_ID, ...
+#: The trainer reads S3 credentials per role (kubelora.storage): BASE_MODEL_AWS_ACCESS_KEY_ID, ...
 CREDENTIAL_ROLES = ("BASE_MODEL", "DATASET", "OUTPUT")
 PVC_ROOT = "/mnt/pvc"
 
@@ -242,6 +242,9 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig) -> dict[str, Any]:
             "spec": pod_spec,
         },
     }
+    if config.job_ttl_seconds_after_finished is not None:
+        # A finished Job and its pods go after this; the LoRAJob keeps its final status (memory and etcd stay flat).
+        job_spec["ttlSecondsAfterFinished"] = config.job_ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -265,8 +265,9 @@ def reconcile(
         if not (check.blocking or check.fatal):
             observation = _start(lorajob, executor, check, started_runs, run_key)
     else:
-        wanted = ("Running", "Succeeded", "Failed")
-        credentials = role_credentials(lorajob, "OUTPUT", cluster, config) if observation.state in wanted else {}
+        # The Secret is read only when the report will be: a finished run, or a running one's progress poll.
+        wanted = observation.state in ("Succeeded", "Failed") or (observation.state == "Running" and read_progress)
+        credentials = role_credentials(lorajob, "OUTPUT", cluster, config) if wanted else {}
         observation = executor.observe(lorajob, credentials, read_progress=read_progress)
     status, events = derive_status(lorajob, old, observation, config, check)
     if _same(old, status):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
 import os
 import secrets
+import socket
 from pathlib import Path
 
 import kopf
@@ -41,6 +44,7 @@ def run(
     if namespaces and not all_namespaces:
         os.environ["KUBELORA_NAMESPACED"] = "1"
     clusterwide = all_namespaces or not namespaces
+    identity: str | None = None
     if peering is not None:
         from kubelora.operator import peering as peering_object
 
@@ -49,7 +53,15 @@ def run(
         if priority is None:
             # kopf pauses every peer of equal priority; distinct priorities let one run and the rest stand by.
             priority = secrets.randbelow(1_000_000)
+        # kopf keeps its pause to itself: the LoRAJob queue reads the same peering objects and applies kopf's rule,
+        # so it needs this replica's identity (as kopf makes one, given here so both agree) and priority.
+        identity = os.environ.get("POD_ID") or f"{getpass.getuser()}@{socket.gethostname()}/{secrets.token_hex(4)}"
+        os.environ["KUBELORA_PEERING_NAME"] = peering
+        os.environ["KUBELORA_PEERING_IDENTITY"] = identity
+        os.environ["KUBELORA_PEERING_PRIORITY"] = str(priority)
+        os.environ["KUBELORA_PEERING_PLACES"] = json.dumps(peering_object.peering_namespaces(namespaces, clusterwide))
     kopf.run(
+        identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str
         priority=priority,
         clusterwide=clusterwide,
         namespaces=namespaces,

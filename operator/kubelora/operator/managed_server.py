@@ -34,6 +34,11 @@ AGENT_TOKEN_ENV = "KUBELORA_AGENT_TOKEN"  # noqa: S105 - a variable name
 AGENT_TOKEN_KEY = "token"  # noqa: S105 - a Secret key
 
 
+#: Where the agent reads the preload ConfigMap (key PRELOAD_KEY) in managed server pods.
+PRELOAD_DIR = "/etc/kubelora/preload"
+PRELOAD_KEY = "adapters.json"
+
+
 #: Label on the pods of a managed server Deployment (value: the AdapterDeployment's name).
 MANAGED_LABEL = "kubelora.dev/adapterdeployment"
 SPEC_HASH_ANNOTATION = "kubelora.dev/spec-hash"
@@ -90,6 +95,9 @@ def managed_deployment(
     base = managed.base_model
     env: list[dict[str, Any]] = [
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+        # vLLM resolves servedName from the agent's links on its first request (preload; docs/serving.md).
+        {"name": "VLLM_PLUGINS", "value": "lora_filesystem_resolver"},
+        {"name": "VLLM_LORA_RESOLVER_CACHE_DIR", "value": "/adapters"},
         # The pod runs as a non-root user the image may not know: caches go to a writable emptyDir.
         {"name": "HOME", "value": "/home/vllm"},
         {"name": "HF_HOME", "value": "/home/vllm/.cache/huggingface"},
@@ -100,6 +108,8 @@ def managed_deployment(
         # vLLM's workers share tensors through /dev/shm; the container runtime's default is 64 MiB.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
         {"name": "home", "emptyDir": {}},
+        # What the pods serve after the last completed rollout; optional: pods start before the operator writes it.
+        {"name": "preload", "configMap": {"name": preload_configmap_name(name), "optional": True}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "adapters", "mountPath": "/adapters", "readOnly": True},
@@ -180,14 +190,31 @@ def managed_deployment(
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {**probe, "failureThreshold": 6},
     }
+    model = args[args.index("--model") + 1]
     agent = {
         "name": AGENT_CONTAINER,
         "image": settings.agent_image,
-        "args": ["--host", "0.0.0.0", "--port", str(settings.agent_port), "--dir", "/adapters"],  # noqa: S104
+        "args": [
+            *("--host", "0.0.0.0", "--port", str(settings.agent_port), "--dir", "/adapters"),  # noqa: S104
+            *("--preload", f"{PRELOAD_DIR}/{PRELOAD_KEY}", "--base-model", model),
+        ],
         "env": s3_env,
         "ports": [{"name": "agent", "containerPort": settings.agent_port}],
-        "volumeMounts": [{"name": "adapters", "mountPath": "/adapters"}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": settings.agent_port}, "periodSeconds": 10},
+        "volumeMounts": [
+            {"name": "adapters", "mountPath": "/adapters"},
+            {"name": "preload", "mountPath": PRELOAD_DIR, "readOnly": True},
+        ],
+        # Not Ready (no traffic) until the adapters of the preload ConfigMap are in place.
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": settings.agent_port},
+            "periodSeconds": 2,
+            "failureThreshold": 1,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": settings.agent_port},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": {**RESTRICTED, "readOnlyRootFilesystem": True},
     }
@@ -229,6 +256,32 @@ def managed_deployment(
     if uid:
         metadata["ownerReferences"] = [owner_reference(ad, uid)]
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec}
+
+
+def preload_configmap_name(ad_name: str) -> str:
+    """The ConfigMap with what a managed server's pods preload: ``<managed-name>-adapters``."""
+    return f"{managed_name(ad_name)}-adapters"
+
+
+def preload_configmap(ad: AdapterDeployment, uid: str | None, serving: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The preload ConfigMap: ``{servedName: {"uri", "digest"}}`` (``serving``: a Want-like object, or None to
+    serve nothing), owned by the AdapterDeployment. The agent downloads and links what it lists at pod start."""
+    name = ad.metadata.name
+    entries: dict[str, Any] = {}
+    if serving is not None:
+        entries[ad.spec.served_name] = {"uri": serving["uri"], "digest": serving["digest"]}
+    metadata: dict[str, Any] = {
+        "name": preload_configmap_name(name),
+        "labels": {MANAGED_LABEL: name, "app.kubernetes.io/managed-by": "kubelora"},
+    }
+    if uid:
+        metadata["ownerReferences"] = [owner_reference(ad, uid)]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": {PRELOAD_KEY: json.dumps(entries, sort_keys=True)},
+    }
 
 
 def owner_reference(ad: AdapterDeployment, uid: str | None = None) -> dict[str, Any]:

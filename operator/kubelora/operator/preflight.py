@@ -28,6 +28,7 @@ from kubelora import storage
 from kubelora.api.v1alpha1 import LoRAJob, SecretRef
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.estimates import estimate_spec
+from kubelora.operator.executors import http_pool, s3_client
 from kubelora.operator.jobspec import GPU_PRODUCT_LABEL
 
 logger = logging.getLogger("kubelora.lorajob")
@@ -191,15 +192,11 @@ def identity(namespace: str, ref: SecretRef | None, credentials: dict[str, str])
 class S3Objects:
     """Probes objects in S3 with short timeouts, caching answers per tenant identity for a short while."""
 
-    def __init__(self, found_ttl: float = 300.0, missing_ttl: float = 15.0, timeout: float = 10.0) -> None:
-        import urllib3
-
+    def __init__(
+        self, found_ttl: float = 300.0, missing_ttl: float = 15.0, connect_timeout: float = 3.0, timeout: float = 15.0
+    ) -> None:
         self.found_ttl, self.missing_ttl = found_ttl, missing_ttl
-        self.http = urllib3.PoolManager(
-            timeout=urllib3.util.Timeout(connect=min(timeout, 5.0), read=timeout),
-            retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
-            maxsize=16,
-        )
+        self.http = http_pool(connect_timeout, timeout)
         self.cache: dict[tuple[Any, ...], tuple[float, Probe]] = {}
         self.lock = threading.Lock()
 
@@ -214,6 +211,7 @@ class S3Objects:
             return hit[1]
         result = self._ask(credentials, location, read)
         ttl = self.found_ttl if result.found else self.missing_ttl
+        now = time.monotonic()  # from the answer, not the question: a probe that timed out is cached too
         with self.lock:
             if len(self.cache) > 10000:
                 self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
@@ -221,17 +219,9 @@ class S3Objects:
         return result
 
     def _ask(self, credentials: dict[str, str], location: storage.S3Location, read: bool) -> Probe:
-        from minio import Minio
         from minio.error import S3Error
 
-        endpoint = credentials["S3_ENDPOINT"]
-        client = Minio(
-            endpoint.removeprefix("http://").removeprefix("https://"),
-            access_key=credentials.get("AWS_ACCESS_KEY_ID") or None,
-            secret_key=credentials.get("AWS_SECRET_ACCESS_KEY") or None,
-            secure=credentials.get("S3_SECURE") == "true" or endpoint.startswith("https://"),
-            http_client=self.http,
-        )
+        client = s3_client(credentials, self.http)
         try:
             if not read:
                 client.stat_object(location.bucket, location.key)
@@ -306,6 +296,7 @@ def check_inputs(
     checked: list[str] = []
     skipped: list[str] = []
     model_config: bytes | None = None
+    unreachable: dict[str, str] = {}
     for field, uri, role, what in _inputs(lorajob):
         if not uri.startswith("s3://"):
             skipped.append(f"{field} ({uri.split('://', 1)[0]}://)")
@@ -322,7 +313,13 @@ def check_inputs(
                 )
             )
             continue
-        answer = objects.probe(identity(namespace, refs[role], creds), creds, location, read=is_model)
+        if creds["S3_ENDPOINT"] in unreachable:
+            # One dead endpoint costs one timeout per preflight, not one per input.
+            answer = Probe(False, error=unreachable[creds["S3_ENDPOINT"]])
+        else:
+            answer = objects.probe(identity(namespace, refs[role], creds), creds, location, read=is_model)
+            if answer.unavailable and answer.error:
+                unreachable[creds["S3_ENDPOINT"]] = answer.error
         if answer.found:
             checked.append(field)
             if is_model:
@@ -331,7 +328,13 @@ def check_inputs(
             detail = f"no config.json under {uri}" if is_model else f"{uri} does not exist"
             problems.append((f"{what}NotFound", f"{field}: {detail} (read {reader})"))
         elif answer.unavailable:
-            problems.append(("StorageUnavailable", f"{field}: cannot check {location}: {answer.error}"))
+            problems.append(
+                (
+                    "StorageUnavailable",
+                    f"{field}: S3 endpoint {creds['S3_ENDPOINT']} did not answer (read {reader}); "
+                    f"cannot check {location}: {answer.error}",
+                )
+            )
         else:
             problems.append((f"{what}AccessDenied", f"{field}: {location} cannot be read {reader}: {answer.error}"))
     unchecked = f"; not checked here: {', '.join(skipped)}, read only by the trainer" if skipped else ""

@@ -127,7 +127,8 @@ class WorkQueue(Generic[K]):
     # Running
 
     def start(self) -> None:
-        if self._tasks:
+        # Not `if self._tasks`: resync() may have added its task before start(), and the workers must still start.
+        if any(task.get_name() == f"{self.name}-timer" for task in self._tasks):
             return
         self._tasks.append(asyncio.create_task(self._timer(), name=f"{self.name}-timer"))
         for i in range(self.workers):

@@ -10,7 +10,8 @@ answers. API (JSON)::
     GET    /v1/adapters          -> 200 {"adapters": [{"digest", "path", "uri", "files", "sizeBytes"}, ...]}
     GET    /v1/adapters/<hex>    -> 200 one entry, or 404
     DELETE /v1/adapters/<hex>    -> 200 {"deleted": bool}
-    GET    /health               -> 200 (the only call without a token: kubelet probes)
+    GET    /health               -> 200 (no token: kubelet probes)
+    GET    /ready                -> 200 when every adapter of the preload file is in place, else 503 (no token)
 
 Every ``/v1`` call needs ``Authorization: Bearer <token>``, the token in ``KUBELORA_AGENT_TOKEN``: the
 operator keeps it in a Secret (generated per AdapterDeployment for managed servers, named by
@@ -23,6 +24,17 @@ LoRA serving) into a temporary directory, checks each file's size and sha256, an
 directory to ``<dir>/<hex>``: a directory named by a digest is always complete and verified.
 Errors answer ``{"error": {"reason", "message"}}``: 400 bad request, 404 manifest or file missing,
 422 verification failed, 502 storage unreachable.
+
+Preload (``--preload FILE``, a ConfigMap the operator keeps with what the pods should serve after the last
+completed rollout, ``{"<servedName>": {"uri": ..., "digest": ...}}``): on start and whenever the file changes
+(the kubelet updates ConfigMap volumes in place; the agent reads it every ``--preload-interval`` seconds) the agent
+downloads each entry, verified as above, and points ``<names-dir>/<servedName>`` at it with a relative symlink
+swapped by rename. vLLM's filesystem LoRA resolver (``VLLM_PLUGINS=lora_filesystem_resolver``,
+``VLLM_LORA_RESOLVER_CACHE_DIR=<names-dir>``) then serves ``servedName`` on its first request, with no call from
+the operator. The link goes to ``views/<hex>-<base>``: the adapter's files, linked, and an ``adapter_config.json``
+whose ``base_model_name_or_path`` is ``--base-model`` (vLLM's ``--model``; the resolver loads only an adapter
+that names it). A name the file no longer lists loses its link. ``/ready`` is the agent container's
+readinessProbe: the pod takes no traffic until what it should serve is in place.
 
 S3 settings come from the environment, as for the trainer: ``S3_ENDPOINT`` (else
 ``KUBELORA_DEFAULT_S3_ENDPOINT``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_SECURE``. Only
@@ -49,7 +61,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -71,6 +83,10 @@ SKIPPED_PREFIXES = ("merged/",)
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
+#: Under the adapter directory: per digest, the adapter as vLLM's filesystem resolver reads it.
+VIEWS = "views"
+#: A servedName the agent links (the API's pattern): path components, none of them ``.`` or ``..``.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
 class AgentError(Exception):
@@ -202,6 +218,8 @@ class AdapterStore:
         self.root = root
         self.source: Source = source or StorageSource()
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Digests the preload file names: DELETE refuses them (vLLM may resolve them at any time).
+        self.pinned: Callable[[str], bool] = lambda _hex: False
         root.mkdir(parents=True, exist_ok=True)
         for partial in root.glob(".partial-*"):
             shutil.rmtree(partial, ignore_errors=True)
@@ -240,10 +258,14 @@ class AdapterStore:
     def delete(self, hex_digest: str) -> bool:
         if not HEX_RE.match(hex_digest):
             raise AgentError(400, "InvalidDigest", f"{hex_digest!r} is not 64 lower-case hex digits")
+        if self.pinned(hex_digest):
+            raise AgentError(409, "InUse", f"sha256:{hex_digest} is in the preload file: it stays while listed")
         directory = self.root / hex_digest
         if not directory.exists():
             return False
         shutil.rmtree(directory)
+        for view in (self.root / VIEWS).glob(f"{hex_digest}-*"):
+            shutil.rmtree(view, ignore_errors=True)
         log.info("Deleted adapter digest=sha256:%s", hex_digest)
         return True
 
@@ -328,6 +350,215 @@ class AdapterStore:
         return Entry(f"sha256:{hex_digest}", target, uri, len(files), total)
 
 
+class PreloadError(Exception):
+    pass
+
+
+def _reserved(top: str) -> bool:
+    """A top-level name of the adapter directory the agent uses itself."""
+    return bool(HEX_RE.match(top)) or top == VIEWS or top.startswith(".")
+
+
+def read_preload(path: Path) -> dict[str, tuple[str, str]]:
+    """``{servedName: (uri, digest)}`` from the preload file; a missing or empty file lists nothing."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise PreloadError(f"{path}: {exc}") from exc
+    if not text.strip():
+        return {}
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise PreloadError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PreloadError(f"{path} is not a JSON object")
+    out: dict[str, tuple[str, str]] = {}
+    for name, item in doc.items():
+        if not isinstance(item, dict):
+            raise PreloadError(f"{path}: {name!r} is not an object with uri and digest")
+        parts = name.split("/")
+        if not NAME_RE.match(name) or any(p in ("", ".", "..") for p in parts) or _reserved(parts[0]):
+            raise PreloadError(f"{path}: {name!r} cannot be a file name in the adapter directory")
+        out[name] = (str(item.get("uri") or ""), str(item.get("digest") or ""))
+    return out
+
+
+class Preloader:
+    """Keeps ``names_dir/<servedName>`` pointing at the verified adapter the preload file names."""
+
+    def __init__(self, store: AdapterStore, file: Path, names_dir: Path, base_model: str | None = None) -> None:
+        self.store = store
+        self.file = file
+        self.names_dir = names_dir
+        self.base_model = base_model
+        self.wanted: dict[str, tuple[str, str]] = {}
+        self.last_error: str | None = None
+        self._seen: bytes | None = None
+        names_dir.mkdir(parents=True, exist_ok=True)
+        for partial in [*(store.root / VIEWS).glob(".partial-*"), *names_dir.glob(".link-*")]:
+            if partial.is_symlink():
+                partial.unlink()
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
+        store.pinned = self._pinned
+
+    def _pinned(self, hex_digest: str) -> bool:
+        try:
+            wanted = read_preload(self.file)
+        except PreloadError:
+            wanted = self.wanted
+        return any(digest == f"sha256:{hex_digest}" for _, digest in wanted.values())
+
+    def _view_name(self, hex_digest: str) -> str:
+        suffix = hashlib.sha256((self.base_model or "").encode()).hexdigest()[:8]
+        return f"{hex_digest}-{suffix}"
+
+    def _link_target(self, name: str, hex_digest: str) -> str:
+        views = self.store.root / VIEWS / self._view_name(hex_digest)
+        return os.path.relpath(views, (self.names_dir / name).parent)
+
+    def _links(self) -> list[str]:
+        """The servedNames linked now (symlinks under names_dir, outside the agent's own entries)."""
+        out = []
+        for top in self.names_dir.iterdir():
+            if _reserved(top.name):
+                continue
+            if top.is_symlink():
+                out.append(top.name)
+            elif top.is_dir():
+                for path in top.rglob("*"):
+                    if path.is_symlink():
+                        out.append(path.relative_to(self.names_dir).as_posix())
+        return out
+
+    def _view(self, hex_digest: str) -> Path:
+        """``views/<hex>-<base>``: links to the digest's files and an adapter_config.json naming ``base_model``."""
+        views = self.store.root / VIEWS
+        view = views / self._view_name(hex_digest)
+        if (view / "adapter_config.json").is_file():
+            return view
+        views.mkdir(parents=True, exist_ok=True)
+        source = self.store.root / hex_digest
+        partial = views / f".partial-{uuid.uuid4().hex[:8]}"
+        partial.mkdir()
+        try:
+            for child in source.iterdir():
+                if child.name in ("adapter_config.json", ".uri"):
+                    continue
+                (partial / child.name).symlink_to(os.path.relpath(child, partial))
+            config = json.loads((source / "adapter_config.json").read_text())
+            if self.base_model:
+                config["base_model_name_or_path"] = self.base_model
+            (partial / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            try:
+                partial.rename(view)
+            except OSError:
+                if not (view / "adapter_config.json").is_file():
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return view
+
+    def _link(self, name: str, hex_digest: str) -> bool:
+        """Point ``name`` at the digest's view (atomically); True if it changed."""
+        link = self.names_dir / name
+        target = self._link_target(name, hex_digest)
+        with contextlib.suppress(OSError):
+            if os.readlink(link) == target:
+                return False
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.parent / f".link-{uuid.uuid4().hex[:8]}"
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+        return True
+
+    def in_place(self, wanted: dict[str, tuple[str, str]]) -> list[str]:
+        """The names of ``wanted`` that are not (yet) linked to their verified digest."""
+        missing = []
+        for name, (_, digest) in wanted.items():
+            match = DIGEST_RE.match(digest)
+            link = self.names_dir / name
+            try:
+                ok = match is not None and os.readlink(link) == self._link_target(name, match.group(1))
+            except OSError:
+                ok = False
+            if not ok or not (link / "adapter_config.json").is_file():
+                missing.append(name)
+        return missing
+
+    def ready(self) -> tuple[bool, str]:
+        try:
+            wanted = read_preload(self.file)
+        except PreloadError as exc:
+            return False, str(exc)
+        missing = self.in_place(wanted)
+        if missing:
+            detail = f": {self.last_error}" if self.last_error else ""
+            return False, f"not in place yet: {', '.join(sorted(missing))}{detail}"
+        return True, f"{len(wanted)} adapter(s) in place"
+
+    async def sync(self) -> bool:
+        """Make the links match the file; True when every entry is in place."""
+        try:
+            wanted = read_preload(self.file)
+        except PreloadError as exc:
+            self.last_error = str(exc)
+            log.warning("Cannot read the preload file file=%s error=%s", self.file, exc)
+            return False
+        self.wanted = wanted
+        errors = []
+        for name, (uri, digest) in sorted(wanted.items()):
+            try:
+                entry, _ = await self.store.ensure(uri, digest)
+                hex_digest = entry.digest.split(":", 1)[1]
+                await asyncio.to_thread(self._view, hex_digest)
+                if self._link(name, hex_digest):
+                    log.info("Linked adapter servedName=%s digest=%s uri=%s", name, digest, uri)
+            except AgentError as exc:
+                errors.append(f"{name}: {exc.message}")
+                log.warning(
+                    "Preload failed servedName=%s digest=%s reason=%s message=%s", name, digest, exc.reason, exc
+                )
+            except OSError as exc:
+                errors.append(f"{name}: {exc}")
+                log.warning("Preload failed servedName=%s digest=%s error=%s", name, digest, exc)
+        for name in self._links():
+            if name not in wanted:
+                (self.names_dir / name).unlink()
+                log.info("Unlinked adapter servedName=%s", name)
+        self.last_error = "; ".join(errors) or None
+        return not errors
+
+    def changed(self) -> bool:
+        try:
+            content = self.file.read_bytes()
+        except OSError:
+            content = b""
+        if content == self._seen:
+            return False
+        self._seen = content
+        return True
+
+    async def run(self, interval: float = 2.0) -> None:
+        """Sync at start, when the file changes, and (backing off) until a failed sync succeeds."""
+        failures = 0
+        next_retry = 0.0
+        while True:
+            now = time.monotonic()
+            if self.changed() or (failures and now >= next_retry):
+                if await self.sync():
+                    failures = 0
+                else:
+                    failures += 1
+                    next_retry = time.monotonic() + min(60.0, interval * 2 ** min(failures, 5))
+            await asyncio.sleep(interval)
+
+
 def preload() -> None:
     """Import the S3 client now, so the first download does not pay for it."""
     with contextlib.suppress(ImportError):
@@ -341,14 +572,18 @@ def _authorized(request: web.Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def build_app(store: AdapterStore, token: str) -> web.Application:
-    """The agent's HTTP API; every route but /health needs ``token`` as a bearer token."""
+def build_app(
+    store: AdapterStore, token: str, preloader: Preloader | None = None, interval: float = 2.0
+) -> web.Application:
+    """The agent's HTTP API; every route but /health and /ready needs ``token`` as a bearer token.
+
+    With a ``preloader``, the app keeps its links in step with the preload file while it runs."""
     if not token:
         raise ValueError(f"the agent needs a token: set {TOKEN_ENV}")
 
     @web.middleware
     async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/health" and not _authorized(request, token):
+        if request.path not in ("/health", "/ready") and not _authorized(request, token):
             log.warning(
                 "Refused unauthenticated call method=%s path=%s peer=%s", request.method, request.path, request.remote
             )
@@ -364,6 +599,12 @@ def build_app(store: AdapterStore, token: str) -> web.Application:
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200, text="ok")
+
+    async def ready(_: web.Request) -> web.Response:
+        if preloader is None:
+            return web.Response(status=200, text="ok: no preload file")
+        ok, message = await asyncio.to_thread(preloader.ready)
+        return web.Response(status=200 if ok else 503, text=message)
 
     async def list_adapters(_: web.Request) -> web.Response:
         entries = await asyncio.to_thread(store.list)
@@ -398,6 +639,17 @@ def build_app(store: AdapterStore, token: str) -> web.Application:
         return web.json_response({**entry.to_json(), "cached": cached})
 
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    if preloader is not None:
+
+        async def keep_preloaded(_: web.Application) -> Any:
+            task = asyncio.create_task(preloader.run(interval))
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        app.cleanup_ctx.append(keep_preloaded)
     app.router.add_get("/v1/adapters", list_adapters)
     app.router.add_post("/v1/adapters", fetch_adapter)
     app.router.add_get("/v1/adapters/{hex}", get_adapter)
@@ -412,6 +664,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dir", default=DEFAULT_DIR, help=f"Adapter directory shared with vLLM (default {DEFAULT_DIR})"
     )
+    parser.add_argument(
+        "--preload",
+        default=os.environ.get("KUBELORA_AGENT_PRELOAD") or None,
+        help="JSON file {servedName: {uri, digest}} to keep downloaded and linked (a ConfigMap volume)",
+    )
+    parser.add_argument(
+        "--names-dir",
+        default=None,
+        help="Where the preloaded adapters are linked by servedName: vLLM's VLLM_LORA_RESOLVER_CACHE_DIR "
+        "(default: --dir)",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="vLLM's --model: the base_model_name_or_path its filesystem resolver wants in adapter_config.json",
+    )
+    parser.add_argument("--preload-interval", type=float, default=2.0, help="Seconds between reads of the file")
     return parser
 
 
@@ -429,10 +698,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     store = AdapterStore(Path(args.dir))
+    preloader = None
+    if args.preload:
+        preloader = Preloader(store, Path(args.preload), Path(args.names_dir or args.dir), args.base_model)
     preload()
-    log.info("Starting adapter agent host=%s port=%d dir=%s", args.host, args.port, args.dir)
+    log.info("Starting adapter agent host=%s port=%d dir=%s preload=%s", args.host, args.port, args.dir, args.preload)
+    app = build_app(store, token, preloader, args.preload_interval)
     with contextlib.suppress(KeyboardInterrupt):
-        web.run_app(build_app(store, token), host=args.host, port=args.port, print=None, access_log=None)
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
 

@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kubelora.storage import Location, parse_uri, sha256_file, store_for, upload_tree
 from kubelora.trainer.errors import VerificationError
 from kubelora.trainer.report import kv, now_iso
-from kubelora.trainer.storage import Location, parse_uri, sha256_file, store_for, upload_tree
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from kubelora.api.v1alpha1 import dump
+from kubelora.storage import parse_uri, store_for
 from kubelora.trainer import config as config_mod
 from kubelora.trainer import data, evaluate, fetch, modeling, preflight, publish, train
 from kubelora.trainer.errors import EXIT_SUCCEEDED, InvalidSpecError, TrainerError
 from kubelora.trainer.report import Reporter, kv, setup_logging
-from kubelora.trainer.storage import parse_uri, store_for
 
 log = logging.getLogger("kubelora.trainer")
 

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kubelora.storage import Location, download_tree, local_path, parse_uri, store_for
 from kubelora.trainer.errors import BaseModelNotFoundError, DatasetNotFoundError, StorageError, UnsafeWeightsError
 from kubelora.trainer.report import kv
-from kubelora.trainer.storage import Location, download_tree, local_path, parse_uri, store_for
 
 log = logging.getLogger(__name__)
 

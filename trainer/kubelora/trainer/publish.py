@@ -36,10 +36,21 @@ from pathlib import Path
 from typing import Any
 
 from kubelora.api.v1alpha1 import API_VERSION, AdapterArtifact, dump
-from kubelora.storage import DIGEST_DIR, MANIFEST, POINTER, POINTER_KIND
+from kubelora.storage import (
+    DIGEST_DIR,
+    MANIFEST,
+    POINTER,
+    POINTER_KIND,
+    Hashes,
+    Location,
+    Store,
+    _single_part_md5,
+    file_hashes,
+    parse_uri,
+    store_for,
+)
 from kubelora.trainer.errors import PublishError, TrainerError, VerificationError
 from kubelora.trainer.report import kv, now_iso
-from kubelora.trainer.storage import Hashes, Location, Store, _single_part_md5, file_hashes, parse_uri, store_for
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kubelora.api.v1alpha1 import AdapterArtifact, EvalResults, TrainingProgress, dump
-from kubelora.trainer.storage import Location, Store
+from kubelora.storage import Location, Store
 
 log = logging.getLogger("kubelora.trainer")
 
