@@ -282,3 +282,32 @@ def test_managed_vllm_pods_get_the_configured_agent_image_and_pull_secrets():
     agent = next(c for c in pod["containers"] if c["name"] == "kubelora-agent")
     assert agent["image"] == "registry.example/agent:2.0.0"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_a_managed_server_spans_its_gpus_with_tensor_parallelism():
+    from kubelora.api.v1alpha1 import AdapterDeployment
+    from kubelora.operator.managed_server import managed_deployment
+    from kubelora.operator.server_pods import Settings
+
+    def args_for(gpus: int) -> list[str]:
+        ad = AdapterDeployment.model_validate(
+            {
+                "apiVersion": "kubelora.dev/v1alpha1",
+                "kind": "AdapterDeployment",
+                "metadata": {"name": "tp", "namespace": "team-a", "uid": "u-1"},
+                "spec": {
+                    "adapter": {"loraJob": "j"},
+                    "servedName": "s",
+                    "target": {
+                        "baseModel": "m",
+                        "managed": {"baseModel": {"uri": "hf://org/m"}, "gpus": gpus, "args": ["--dtype", "bfloat16"]},
+                    },
+                },
+            }
+        )
+        return list(managed_deployment(ad, Settings(), "u-1")["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    eight = args_for(8)
+    assert eight[eight.index("--tensor-parallel-size") + 1] == "8"
+    assert eight[-2:] == ["--dtype", "bfloat16"]  # spec.target.managed.args stay last
+    assert "--tensor-parallel-size" not in args_for(1)

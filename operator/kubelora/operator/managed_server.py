@@ -144,8 +144,11 @@ def managed_deployment(
         str(target.max_lora_rank),
         "--max-cpu-loras",
         str(max(target.max_loras, 2 * target.max_loras)),
-        *managed.args,
     ]
+    if managed.gpus > 1:
+        # One server across the pod's GPUs: without it vLLM uses one of them and leaves the rest idle.
+        args += ["--tensor-parallel-size", str(managed.gpus)]
+    args += managed.args
     if target.api_key_secret_ref is not None:
         # vLLM reads --api-key from VLLM_API_KEY; /health stays open for the probes.
         ref = target.api_key_secret_ref
