@@ -144,3 +144,20 @@ def test_nothing_runs_while_paused_and_requests_are_kept():
         await queue.stop()
 
     run(scenario)
+
+
+def test_workers_start_even_when_resync_was_set_up_first():
+    async def scenario() -> None:
+        runs: list[str] = []
+
+        async def reconcile(key: str) -> None:
+            runs.append(key)
+
+        queue = WorkQueue("t", reconcile)
+        queue.resync(lambda: [], 3600)  # the controllers set the resync up before start()
+        queue.start()
+        queue.add("a")
+        await until(lambda: runs == ["a"])
+        await queue.stop()
+
+    run(scenario)
