@@ -250,44 +250,54 @@ class KubeApi:
         return "exists"
 
     def apply_networkpolicy(self, namespace: str, body: dict[str, Any]) -> str:
-        """Create the NetworkPolicy, or replace its spec when it differs. Returns created|updated|unchanged."""
+        """Create the NetworkPolicy, or patch its spec when it differs. Returns created|updated|unchanged."""
         from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
 
         networking = client.NetworkingV1Api(self.api_client)
-        name = body["metadata"]["name"]
-        try:
-            existing = networking.read_namespaced_network_policy(name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            networking.create_namespaced_network_policy(namespace, body)  # type: ignore[arg-type]
-            return "created"
-        if self.api_client.sanitize_for_serialization(existing.spec) == body["spec"]:
-            return "unchanged"
-        networking.patch_namespaced_network_policy(name, namespace, {"spec": body["spec"]})
-        return "updated"
+        return self._create_or_patch(
+            namespace,
+            body,
+            "spec",
+            networking.read_namespaced_network_policy,
+            networking.create_namespaced_network_policy,
+            networking.patch_namespaced_network_policy,
+        )
 
     def apply_configmap(self, namespace: str, body: dict[str, Any]) -> str:  # preload:
         """Create the ConfigMap, or patch its data when it differs. Returns created|updated|unchanged."""
+        core = self.core
+        return self._create_or_patch(
+            namespace,
+            body,
+            "data",
+            core.read_namespaced_config_map,
+            core.create_namespaced_config_map,
+            core.patch_namespaced_config_map,
+        )
+
+    def _create_or_patch(
+        self, namespace: str, body: dict[str, Any], field: str, read: Any, create: Any, patch: Any
+    ) -> str:
+        """Create ``body``, or patch its ``field`` when the stored one differs; a creation race reads again."""
         from kubernetes.client.exceptions import ApiException
 
         name = body["metadata"]["name"]
         try:
-            existing = self.core.read_namespaced_config_map(name, namespace)
+            existing = read(name, namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
-                self.core.create_namespaced_config_map(namespace, body)  # type: ignore[arg-type]
+                create(namespace, body)
                 return "created"
-            except ApiException as created:
-                if created.status != 409:
+            except ApiException as raced:
+                if raced.status != 409:
                     raise
-                existing = self.core.read_namespaced_config_map(name, namespace)
-        if (existing.data or {}) == body["data"]:
+                existing = read(name, namespace)
+        stored = self.api_client.sanitize_for_serialization(getattr(existing, field)) or {}
+        if stored == body[field]:
             return "unchanged"
-        self.core.patch_namespaced_config_map(name, namespace, {"data": body["data"]})
+        patch(name, namespace, {field: body[field]})
         return "updated"
 
     def apply_deployment(self, namespace: str, body: dict[str, Any]) -> str:
