@@ -30,6 +30,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import secrets
 import signal
@@ -253,7 +254,7 @@ class Bench:
         started = time.monotonic()
         while True:
             pods = self.pods(mode, deployment)
-            if len(pods) >= replicas:
+            if len(pods) == replicas:  # a scale-down waits for the extra pods to go, too
                 log("Pods healthy", deployment=deployment, pods=len(pods), seconds=f"{time.monotonic() - started:.1f}")
                 return pods
             if time.monotonic() - started > timeout:
@@ -530,11 +531,19 @@ def measure_restart(bench: Bench, deployment: str, publish: Any, repeat: int) ->
     bench.delete_adapterdeployment(name)
     serving_s = statistics.median(r["serving"] for r in runs)
     healthy_s = statistics.median(r["healthy"] for r in runs)
+    beyond = sorted(r["serving"] - r["healthy"] for r in runs)
     return {
         "restartToServingSeconds": round(serving_s, 3),
         "restartToHealthySeconds": round(healthy_s, 3),
         "ratio": round(serving_s / healthy_s, 3),
-        "adapterAfterHealthySeconds": round(serving_s - healthy_s, 3),
+        "adapterAfterHealthySeconds": round(statistics.median(beyond), 3),
+        # nearest rank: with fewer than 100 runs, p99 is the slowest run
+        "adapterAfterHealthySecondsP99": round(beyond[max(0, math.ceil(0.99 * len(beyond)) - 1)], 3),
+        "definition": "per run: seconds from the SIGKILL of the vLLM container to vLLM's /v1/models listing "
+        "servedName with the adapter's digest as its root (serving), minus seconds to vLLM's /health answering "
+        "200 (healthy, the server's own startup); the kubelet (podrunner) marks the pod Ready from the same "
+        "/health probe, and only then does the operator hear of it",
+        "goal": "adapterAfterHealthySecondsP99 <= 5 (issue 14)",
         "runs": runs,
     }
 

@@ -39,8 +39,11 @@ def estimate(
     ] = None,
     output_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Trainable parameters, memory by component, GPU-hours and cost for a LoRAJob, before running it."""
-    from kubelora.operator.estimates import estimate_manifest, render_estimate
+    """Trainable parameters, memory per GPU, strategy, GPU-hours and cost for a LoRAJob, before running it.
+
+    Exits 1 when the run does not fit its GPUs (the operator's preflight refuses it too), 2 on a bad manifest.
+    """
+    from kubelora.operator.estimates import estimate_manifest, refusal, render_estimate
 
     try:
         result = estimate_manifest(manifest, model_config)
@@ -52,6 +55,27 @@ def estimate(
         sys.stdout.write("\n")
     else:
         render_estimate(result)
+    refused = refusal(result)
+    if refused:
+        typer.echo(refused, err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "0.0.0.0",  # noqa: S104 - a server in a pod
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8080,
+    catalogue: Annotated[
+        Path | None, typer.Option(help="The platform catalogue (YAML): base models, serving pools, storage")
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Kubeconfig of the API's own identity; in a pod, its ServiceAccount")
+    ] = None,
+) -> None:
+    """Serve the OpenAI Files and Fine-tuning API over LoRAJobs (docs/self-service.md)."""
+    from kubelora.selfservice.server import run
+
+    run(host, port, catalogue, kubeconfig)
 
 
 if __name__ == "__main__":

@@ -281,6 +281,7 @@ def test_immutable_fields_are_every_field_of_the_run():
         "eval": "spec.eval",
         "retries": "spec.retries",
         "active_deadline_seconds": "spec.activeDeadlineSeconds",
+        "queue_name": "spec.queueName",
     }
     assert api.immutable_fields(api.OutputTarget) == {
         "uri": "spec.output.uri",
@@ -332,3 +333,28 @@ def test_error_names_the_object_and_every_field():
         validate_lorajob(job)
     assert str(info.value).startswith('LoRAJob "x" is invalid: ')
     assert {c.split(":")[0] for c in info.value.causes} == {"spec.lora.rank", "spec.retries"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "accepted"),
+    [
+        ({"method": "dora"}, False),  # mergedModel defaults to false
+        ({"method": "dora", "output": {"uri": "s3://adapters/x/", "mergedModel": False}}, False),
+        ({"method": "dora", "output": {"uri": "s3://adapters/x/", "mergedModel": True}}, True),
+        ({"method": "lora"}, True),
+        ({"method": "qlora"}, True),
+    ],
+)
+def test_a_dora_job_must_publish_its_merged_model(spec: dict[str, Any], accepted: bool):
+    """vLLM cannot load DoRA adapters as runtime LoRA: a DoRA job is served, and so evaluated, merged."""
+    job = minimal_job(**spec)
+    if accepted:
+        validate_lorajob(job)
+        return
+    with pytest.raises(InvalidObjectError) as info:
+        validate_lorajob(job)
+    assert "spec.output.mergedModel: method dora needs mergedModel: true" in str(info.value)
+    assert "vLLM cannot load DoRA adapters as runtime LoRA" in str(info.value)
+    rule = next(r for r in LoRAJobSpec.cel_rules if "dora" in r.cel)
+    assert rule.cel == "self.method != 'dora' || self.output.mergedModel"
+    assert rule.field_path == ".output.mergedModel" and rule.reason == "FieldValueRequired"

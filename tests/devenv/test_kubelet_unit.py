@@ -208,3 +208,76 @@ def test_executables_are_looked_up_inside_the_root(tmp_path: Path):
     assert kubelet.find_executable(tmp_path, "/bin/sh", "")
     assert not kubelet.find_executable(tmp_path, "tool", "/usr/local/bin")
     assert not kubelet.find_executable(tmp_path, "/bin/missing", "")
+
+
+def _net_pod(name, ip, labels=None, hostname=None, subdomain=None, ready=False, phase="Running"):
+    spec = {"containers": [{"name": "c"}]}
+    if hostname:
+        spec["hostname"] = hostname
+    if subdomain:
+        spec["subdomain"] = subdomain
+    status = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    if ip:
+        status["podIP"] = ip
+    meta = {"name": name, "namespace": "ns", "uid": name, "labels": labels or {}}
+    return {"metadata": meta, "spec": spec, "status": status}
+
+
+def test_hosts_file_is_the_kubelets_plus_the_headless_services_dns_names():
+    from kubelora.devenv.kubelet import hosts
+
+    plain = hosts.content(_net_pod("web-abc", "127.2.0.4"), [])
+    assert plain.startswith("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n")
+    assert plain.splitlines()[-1] == "127.2.0.4\tweb-abc"
+    pod = _net_pod("job-1-xyz", "127.2.1.3", hostname="job-1", subdomain="svc")
+    pod["spec"]["hostAliases"] = [{"ip": "10.1.2.3", "hostnames": ["a.example", "b.example"]}]
+    records = [("job-0", "127.2.0.2"), ("job-1", "127.2.1.3")]
+    text = hosts.content(pod, records)
+    lines = text.splitlines()
+    # Its own line first (the FQDN is the canonical name), with the short forms the search path would give.
+    own = "127.2.1.3\tjob-1.svc.ns.svc.cluster.local\tjob-1.svc.ns.svc\tjob-1.svc.ns\tjob-1.svc\tjob-1"
+    assert lines.index(own) < lines.index("10.1.2.3\ta.example\tb.example")
+    assert "127.2.0.2\tjob-0.svc.ns.svc.cluster.local\tjob-0.svc.ns.svc\tjob-0.svc.ns\tjob-0.svc" in lines
+    # The Service's own names resolve to every endpoint, as a headless Service's A records.
+    assert [line.split("\t")[0] for line in lines if line.endswith("\tsvc")] == ["127.2.0.2", "127.2.1.3"]
+    # No subdomain: peers are not listed (their names come from DNS only under a Service).
+    assert "job-0" not in hosts.content(_net_pod("other", "127.2.0.9"), records)
+
+
+def test_service_endpoints_follow_the_endpointslice_controllers_rules():
+    from kubelora.devenv.kubelet import hosts
+
+    service = {"metadata": {"name": "svc", "namespace": "ns"}, "spec": {"clusterIP": "None", "selector": {"a": "b"}}}
+    pods = [
+        _net_pod("p0", "127.2.0.2", hostname="job-0", subdomain="svc"),  # not ready
+        _net_pod("p1", "127.2.0.3", hostname="job-1", subdomain="svc", ready=True),
+        _net_pod("p2", "127.2.0.4", hostname="job-2", subdomain="other", ready=True),  # another subdomain: no name
+        _net_pod("p3", "", hostname="job-3", subdomain="svc", ready=True),  # no IP yet
+        _net_pod("p4", "127.2.0.6", hostname="job-4", subdomain="svc", ready=True, phase="Succeeded"),
+    ]
+    assert hosts.service_records(service, pods) == [("", "127.2.0.4"), ("job-1", "127.2.0.3")]
+    service["spec"]["publishNotReadyAddresses"] = True
+    assert hosts.service_records(service, pods) == [("", "127.2.0.4"), ("job-0", "127.2.0.2"), ("job-1", "127.2.0.3")]
+
+
+def test_hosts_file_is_rewritten_in_place_for_its_bind_mount(tmp_path: Path):
+    from kubelora.devenv.kubelet import hosts
+
+    path = tmp_path / "etc-hosts"
+    assert hosts.write_in_place(path, "a\n")
+    inode = path.stat().st_ino
+    assert hosts.write_in_place(path, "a\nb\n") and path.read_text() == "a\nb\n"
+    assert not hosts.write_in_place(path, "a\nb\n")
+    assert hosts.write_in_place(path, "c\n") and path.read_text() == "c\n"
+    assert path.stat().st_ino == inode and oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_mounted_hosts_file_is_not_replaced_by_buildahs(tmp_path: Path):
+    from kubelora.devenv.kubelet import run_command
+
+    (tmp_path / "etc").mkdir()
+    args = ("buildah", "c", tmp_path, ["true"], {}, "0", "/", "h")
+    command, _ = run_command(*args, [(tmp_path / "hosts", "/etc/hosts", True)], tmp_path / "log")
+    assert "--no-hosts" in command and f"{tmp_path / 'hosts'}:/etc/hosts:ro" in command
+    command, _ = run_command(*args, [], tmp_path / "log")
+    assert "--no-hosts" not in command

@@ -343,6 +343,9 @@ NAMESPACED_RULES = {
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),
     ("", "events", "create"),
+    ("", "events", "list"),
+    ("", "services", "create"),
+    ("kueue.x-k8s.io", "workloads", "list"),
 }
 CLUSTER_READ_RULES = {
     ("", "nodes", "list"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,7 +57,8 @@ def test_estimate_matches_peft_on_a_meta_device_model(tmp_path, method, rank, ta
             "lora": {"rank": rank, "targetModules": targets},
             "training": {"maxSteps": 1000, "batchSize": 4, "maxSeqLength": 1024},
             "resources": {"gpus": 1, "gpuType": "NVIDIA-A100-SXM4-80GB"},
-            "output": {"uri": "s3://adapters/sizing/"},
+            # vLLM serves DoRA only merged: a DoRA job must publish its merged model
+            "output": {"uri": "s3://adapters/sizing/", "mergedModel": method == "dora"},
         },
     }
     manifest_path = tmp_path / "job.yaml"
@@ -95,3 +97,48 @@ def test_estimate_names_the_bad_field(tmp_path):
         [sys.executable, "-m", "kubelora.cli", "estimate", str(manifest_path)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "rank" in result.stderr
+
+
+LLAMA_3_70B = {
+    **LLAMA_3_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+}
+
+
+@pytest.mark.parametrize("gpus", [8, 1])
+def test_estimate_70b_picks_fsdp_on_8_a100s_and_refuses_one(tmp_path, gpus):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(LLAMA_3_70B))
+    manifest_path = tmp_path / "job.yaml"
+    manifest_path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubelora.dev/v1alpha1",
+                "kind": "LoRAJob",
+                "metadata": {"name": "big"},
+                "spec": {
+                    "baseModel": {"uri": "s3://models/llama-3-70b/"},
+                    "dataset": {"train": "s3://data/train.jsonl"},
+                    "method": "lora",
+                    "resources": {"gpus": gpus, "gpuType": "NVIDIA-A100-SXM4-80GB"},
+                    "output": {"uri": "s3://adapters/big/"},
+                },
+            }
+        )
+    )
+    base = [sys.executable, "-m", "kubelora.cli", "estimate", str(manifest_path), "--model-config", str(config_path)]
+    result = subprocess.run([*base, "--json"], capture_output=True, text=True)
+    estimate = json.loads(result.stdout)
+    table = subprocess.run(base, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    if gpus == 8:
+        assert result.returncode == 0, result.stderr
+        assert estimate["strategy"] == "FSDP" and estimate["worldSize"] == 8 and estimate["fits"] is True
+        assert estimate["totalBytesPerGpu"] <= 80 * 2**30 < estimate["replicatedBytesPerGpu"]
+        assert table.returncode == 0 and "FSDP" in table.stdout and "total per GPU" in table.stdout
+    else:
+        assert result.returncode == 1 and estimate["fits"] is False
+        assert "Refused" in result.stderr and "80.0 GiB" in result.stderr
+        assert table.returncode == 1 and "NO" in table.stdout

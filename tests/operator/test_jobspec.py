@@ -311,3 +311,167 @@ def test_a_managed_server_spans_its_gpus_with_tensor_parallelism():
     assert eight[eight.index("--tensor-parallel-size") + 1] == "8"
     assert eight[-2:] == ["--dtype", "bfloat16"]  # spec.target.managed.args stay last
     assert "--tensor-parallel-size" not in args_for(1)
+
+
+def test_a_multi_node_lorajob_is_an_indexed_job_with_a_headless_service():
+    from kubelora.operator.jobspec import build_service, service_name
+    from kubelora.trainer import distributed
+
+    job_object = lorajob(resources={"gpus": 8, "nodes": 2, "gpuType": "NVIDIA-A100-SXM4-80GB"}, retries=2)
+    job = build_job(job_object, OperatorConfig(trainer_image="registry/trainer:1"))
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
+    # One attempt that fails may end every pod of it; the retries count attempts.
+    assert spec["backoffLimit"] == 4
+    assert "backoffLimitPerIndex" not in spec
+    pod = spec["template"]["spec"]
+    service = build_service(job_object)
+    assert service is not None
+    name = job["metadata"]["name"]
+    assert service["metadata"]["name"] == service_name(job_object) == pod["subdomain"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {LORAJOB_UID_LABEL: "u-1", "job-name": name}
+    # Job and Service are both controlled by the LoRAJob: the garbage collector removes them with it.
+    for child in (job, service):
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert owner["uid"] == "u-1" and owner["controller"] is True and owner["kind"] == "LoRAJob"
+    # Pod hostnames <job>-<index> are DNS labels.
+    assert len(f"{name}-1") <= 63
+    container = pod["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "kubelora.trainer.distributed"]
+    assert container["args"] == []
+    launcher, trainer_args = distributed.parse_args(container["command"][3:])
+    assert (launcher.nnodes, launcher.nproc_per_node) == (2, 8)
+    assert launcher.rdzv_endpoint == f"{name}-0.{service['metadata']['name']}:{distributed.RDZV_PORT}"
+    assert trainer_args == ["--spec", "/etc/kubelora/lorajob.json", "--workdir", "/workspace/run"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"  # per pod
+
+
+def test_one_node_one_gpu_keeps_the_plain_job():
+    from kubelora.operator.jobspec import build_service
+
+    job_object = lorajob(resources={"gpus": 1})
+    job = build_job(job_object, OperatorConfig())
+    assert build_service(job_object) is None
+    assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in container and container["args"][0] == "--spec"
+    assert "subdomain" not in job["spec"]["template"]["spec"]
+
+
+def test_long_names_leave_room_for_the_pod_index():
+    job_object = LoRAJob.model_validate(
+        {
+            "metadata": {"name": "x" * 253, "namespace": "n", "uid": "u-2"},
+            "spec": {
+                "baseModel": {"uri": "s3://m/"},
+                "dataset": {"train": "s3://d"},
+                "output": {"uri": "s3://o/"},
+                "resources": {"gpus": 1, "nodes": 12},
+            },
+        }
+    )
+    name = build_job(job_object, OperatorConfig())["metadata"]["name"]
+    assert len(f"{name}-11") <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
+
+
+def test_a_queued_lorajob_makes_a_suspended_job_for_kueue():
+    from kubelora.operator.jobspec import QUEUE_LABEL
+
+    job = build_job(lorajob(queueName="team-a-gpus"), OperatorConfig())
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "team-a-gpus"
+    plain = build_job(lorajob(), OperatorConfig())
+    assert "suspend" not in plain["spec"] and QUEUE_LABEL not in plain["metadata"]["labels"]
+
+
+def test_kueues_reason_and_a_quota_refusal_reach_the_observation():
+    from kubelora.operator.executors import QUOTA_EXCEEDED, job_suspended, quota_refusal, workload_state
+
+    pending = {
+        "status": {
+            "conditions": [
+                {
+                    "type": "QuotaReserved",
+                    "status": "False",
+                    "reason": "Pending",
+                    "message": "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu",
+                }
+            ]
+        }
+    }
+    assert workload_state(pending) == (
+        "KueuePending",
+        "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu",
+    )
+    assert workload_state(None)[0] == "PendingAdmission"
+    assert job_suspended({"spec": {"suspend": True}, "status": {}})
+    finished = {"spec": {"suspend": True}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert not job_suspended(finished) and not job_suspended({"spec": {}})
+
+    message = (
+        'Error creating: pods "ft-train-1-abcde" is forbidden: exceeded quota: gpus, requested: '
+        "requests.nvidia.com/gpu=2, used: requests.nvidia.com/gpu=0, limited: requests.nvidia.com/gpu=1"
+    )
+    events = [
+        {"reason": "FailedCreate", "message": "Error creating: something else", "lastTimestamp": "1"},
+        {"reason": "FailedCreate", "message": message, "lastTimestamp": "2"},
+    ]
+    assert quota_refusal(events) == message
+    assert quota_refusal(events[:1]) is None
+    job = {"metadata": {"name": "ft-train-1"}, "status": {"startTime": "2026-01-01T00:00:00Z"}}
+    observation = observe_job(job, [], quota_message=message)
+    assert observation.state == "Pending" and observation.reason == QUOTA_EXCEEDED
+    assert "requests.nvidia.com/gpu=1" in observation.message
+
+
+def test_training_pods_get_the_grace_period_to_finish_a_step_and_upload_a_checkpoint():
+    from kubelora.operator.jobspec import grace_period_seconds
+
+    config = OperatorConfig(trainer_image="registry/trainer:1")
+
+    def grace(job_object, estimate=None):
+        return build_job(job_object, config, estimate=estimate)["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+
+    big = {"trainableParameters": 500_000_000, "gpuHours": 80.0, "worldSize": 16}
+    # 80 GPU-hours over 16 GPUs and 1000 steps: 18 s a step; 12 B x 5e8 + 1 MB = 6.001 GB at 20 MB/s: 300.05 s.
+    assert grace(lorajob(training={"maxSteps": 1000}), big) == 358  # ceil(30 + 27 + 300.05)
+    # Without a step time (no maxSteps, so no GPU-hours): 120 s and 60 s per 500 MB of checkpoint.
+    assert grace(lorajob(training={"epochs": 2}), {**big, "gpuHours": None}) == 841  # ceil(120 + 60 x 12.002)
+    # A small adapter on quick steps still gets two minutes.
+    small = {"trainableParameters": 4_000_000, "gpuHours": 0.01, "worldSize": 1}
+    assert grace(lorajob(training={"maxSteps": 100}), small) == 120
+    assert grace_period_seconds(small, 100) == 120
+    # Slow steps count: 0.5 GPU-hours over 10 steps is 180 s a step; 30 + 270 + 2.45 s.
+    assert grace(lorajob(training={"maxSteps": 10}), {**small, "gpuHours": 0.5}) == 303
+    # Nothing known (the base model's config.json was not read): five minutes.
+    assert grace(lorajob()) == 300
+    # The preflight estimate in the LoRAJob's status serves when none is passed.
+    with_status = LoRAJob.model_validate(
+        {**lorajob(training={"maxSteps": 1000}).model_dump(by_alias=True), "status": {"estimate": big}}
+    )
+    assert grace(with_status) == 358
+
+
+def test_grace_period_from_the_operators_own_estimate():
+    from kubelora.operator.estimates import estimate_spec
+
+    llama = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+    }
+    job_object = lorajob(training={"maxSteps": 500}, lora={"rank": 64}, method="lora")
+    estimate = estimate_spec(job_object.spec, llama)
+    trainable, gpu_hours, world = estimate["trainableParameters"], estimate["gpuHours"], estimate["worldSize"]
+    assert trainable > 10_000_000 and gpu_hours and world == 2
+    step = gpu_hours * 3600 / world / 500
+    expected = max(120, -(-(30 + 1.5 * step + (12 * trainable + 1_000_000) / 20e6) // 1))
+    pod = build_job(job_object, OperatorConfig(), estimate=estimate)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == int(expected)

@@ -62,11 +62,12 @@ class FakeExecutor:
         self.started: list[str] = []
         self.refuse: StartRefusedError | None = None
 
-    def start(self, lorajob: Any, credentials: dict[str, str]) -> str:
+    def start(self, lorajob: Any, credentials: dict[str, str], estimate: dict[str, Any] | None = None) -> str:
         if self.refuse is not None:
             raise self.refuse
         self.started.append(lorajob.metadata.name)
         self.credentials = credentials
+        self.estimate = estimate
         return "support-train-1234abcd"
 
     def observe(self, lorajob: Any, credentials: dict[str, str], read_progress: bool) -> Observation:
@@ -98,6 +99,9 @@ def test_a_lorajob_whose_inputs_exist_starts_once():
     # The run gets each role's own Secret (minio-creds for the model and the output; none for the dataset).
     assert executor.credentials["BASE_MODEL_AWS_ACCESS_KEY_ID"] == "team-a-key"
     assert executor.credentials["DATASET_AWS_ACCESS_KEY_ID"] == ""
+    # The first start already has the preflight's estimate (status.estimate is written after it), which
+    # sizes the pods' grace period.
+    assert executor.estimate is not None and executor.estimate == status["estimate"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """`helm install` as a platform team runs it: the operator pod from the operator image, under the chart's
-own ServiceAccount and RBAC, takes a LoRAJob to Succeeded and an AdapterDeployment to Ready.
+own ServiceAccount and RBAC, takes a LoRAJob to Succeeded and an AdapterDeployment to Ready; the
+self-service API (api.enabled) runs from the same image under its own ServiceAccount and takes an upload
+from the openai client with a tenant's Kubernetes token.
 
 Any permission the chart lacks shows up here as a stuck object or a 403 in the operator's log; the
 exact rule set is asserted in tests/helm/test_chart.py.
@@ -21,6 +23,7 @@ from tests.conftest import wait_for
 from tests.helm.conftest import CHART, run_helm, set_args, unique_release
 from tests.operator.harness import create_s3_secret, free_port, get, wait_phase
 from tests.production.test_job_path import lorajob, upload
+from tests.selfservice.conftest import CHAT_ROW, STORAGE_SECRET, TENANT_RULES, jsonl, token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
@@ -44,6 +47,12 @@ def test_chart_operator_from_its_image_trains_and_serves(
         "nodeSelector": podrunner.NODE_SELECTOR,
         "tolerations": podrunner.TOLERATIONS,
         "extraEnv": [{"name": "KUBELORA_RECONCILE_INTERVAL", "value": "1"}],
+        "api": {
+            "enabled": True,
+            "port": free_port(),
+            "nodeSelector": podrunner.NODE_SELECTOR,
+            "tolerations": podrunner.TOLERATIONS,
+        },
     }
     podrunner.ensure_serving_nodes(devenv)
     operator_kubelet = podrunner.image_runner(devenv, tmp_path / "operator-pod", namespace=namespace, selectors=None)
@@ -68,6 +77,10 @@ def test_chart_operator_from_its_image_trains_and_serves(
             timeout=60,
         )
         assert peering_object["metadata"]["labels"] == peering.LABELS
+
+        # The self-service API from the chart: TokenReview, SubjectAccessReview and the tenant's storage Secret
+        # through the API's own ServiceAccount, and the upload validated in the operator image.
+        check_api_upload(devenv, kubectl, namespace, tenant, bucket, minio_client, values["api"]["port"])
 
         # A LoRAJob, trained by a Job that the chart's operator created, in a trainer-image pod.
         create_s3_secret(kubectl, tenant, devenv)
@@ -111,6 +124,39 @@ def test_chart_operator_from_its_image_trains_and_serves(
                  kubeconfig=devenv.kubeconfig, check=False)  # fmt: skip
         trainer_kubelet.stop()
         operator_kubelet.stop()
+
+
+def check_api_upload(devenv, kubectl, namespace: str, tenant: str, bucket: str, minio_client, port: int) -> None:
+    import openai
+
+    if not minio_client.bucket_exists(bucket):
+        minio_client.make_bucket(bucket)
+    kubectl(
+        "create", "secret", "generic", STORAGE_SECRET, "-n", tenant,
+        f"--from-literal=accessKey={devenv.minio_access_key}", f"--from-literal=secretKey={devenv.minio_secret_key}",
+        f"--from-literal=endpoint={devenv.minio_endpoint}", f"--from-literal=bucket={bucket}",
+        "--from-literal=prefix=self-service/",
+    )  # fmt: skip
+    kubectl("create", "serviceaccount", "alice", "-n", tenant)
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "rules": TENANT_RULES,
+            "metadata": {"name": "fine-tuning", "namespace": tenant}}  # fmt: skip
+    kubectl("apply", "-f", "-", input=json.dumps(role))
+    kubectl(
+        "create", "rolebinding", "fine-tuning", "-n", tenant, "--role=fine-tuning", f"--serviceaccount={tenant}:alice"
+    )
+    pods = json.loads(
+        kubectl("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=api", "-o", "json").stdout
+    )["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    base_url = f"http://{pods[0]['status']['podIP']}:{port}/v1"
+    client = openai.OpenAI(base_url=base_url, api_key=token(kubectl, tenant, "alice"), max_retries=0, timeout=60)
+    uploaded = client.files.create(file=("train.jsonl", jsonl([CHAT_ROW] * 3)), purpose="fine-tune")
+    assert uploaded.bytes == len(jsonl([CHAT_ROW] * 3)), uploaded
+    assert [f.id for f in client.files.list()] == [uploaded.id]
+    stored = [o.object_name for o in minio_client.list_objects(bucket, prefix="self-service/files/", recursive=True)]
+    assert len(stored) == 1 and uploaded.id in stored[0], stored
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base_url, api_key="not-a-token", max_retries=0, timeout=60).files.list()
 
 
 def get_operator_pod(kubectl, namespace: str) -> dict[str, Any]:

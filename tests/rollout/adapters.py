@@ -224,3 +224,27 @@ def make_adapters(root: Path, model_dir: Path, bucket: str) -> dict[str, Publish
         trainable_parameters=trainable,
     )
     return made
+
+
+def publish_synthetic(minio: Any, bucket: str, prefix: str, seed: int, rank: int = 8) -> Published:
+    """An adapter for stand-in (fake vLLM) pods: an adapter_config.json, random bytes as weights and a manifest
+    with their sha256s, under ``s3://bucket/prefix/``. Fake vLLM checks only the config's rank; the agent checks
+    every file against the manifest, and the operator the manifest against the digest."""
+    import hashlib
+    import io
+    import json
+    import random
+
+    files = {
+        "adapter_config.json": json.dumps({"r": rank, "lora_alpha": 2 * rank, "peft_type": "LORA"}).encode(),
+        "adapter_model.safetensors": random.Random(seed).randbytes(4096),
+    }
+    entries = []
+    for path, data in files.items():
+        minio.put_object(bucket, f"{prefix}/{path}", io.BytesIO(data), len(data))
+        entries.append({"path": path, "sizeBytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = json.dumps({"baseModel": {"name": BASE_MODEL}, "files": entries}, sort_keys=True).encode()
+    minio.put_object(bucket, f"{prefix}/kubelora-manifest.json", io.BytesIO(manifest), len(manifest))
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    size = sum(len(d) for d in files.values())
+    return Published(prefix, f"s3://{bucket}/{prefix}/", digest, rank, BASE_MODEL, [], size, 0)

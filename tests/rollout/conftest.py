@@ -330,6 +330,24 @@ def ad_manifest(
     }
 
 
+def managed_target(replicas: int = 1, max_loras: int = 2) -> dict[str, Any]:
+    """spec.target for a managed vLLM server of the tiny model (vLLM's CPU build here), with the API key."""
+    return {
+        "baseModel": BASE_MODEL,
+        "port": SERVER_PORT,
+        "maxLoras": max_loras,
+        "maxLoraRank": 16,
+        "apiKeySecretRef": {"name": API_KEY_SECRET},
+        "managed": {
+            "baseModel": {"uri": f"hf://{BASE_MODEL}", "revision": "main"},
+            "args": list(vllm.CPU_ARGS),
+            "replicas": replicas,
+            "gpus": 1,
+            "gpuType": podrunner.SERVING_POOL.product,
+        },
+    }
+
+
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
     found = next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
     assert found is not None, f"no {type_} condition in {obj.get('status')}"

@@ -14,7 +14,7 @@ import pytest
 
 from kubelora.operator import adapter_resolution as resolution
 from kubelora.operator import adapterdeployments as ads
-from kubelora.operator import managed_server, server_pods
+from kubelora.operator import managed_server, rollout, server_pods
 from kubelora.operator.config import OperatorConfig
 
 NS = "team"
@@ -337,8 +337,7 @@ def test_helpers():
         ]
     }
     assert resolution.describe_failed_gates(gates) == "f1 minImprovementOverBase 0.05: adapter 0.61, base 0.6"
-    pods = [ads.Pod(n, n, "127.0.0.1", 8000, 8001) for n in ("a", "b", "c")]
-    assert [p.name for p in ads.choose_canary(pods, {"c": "sha256:x"}, "sha256:x", 2)] == ["c", "a"]
+    assert rollout.choose_canary(["a", "b", "c"], {"c": "sha256:x"}, "sha256:x", 2) == ["c", "a"]
     assert (
         managed_server.managed_name("x" * 60).startswith("x" * 50) and len(managed_server.managed_name("x" * 60)) <= 63
     )
@@ -509,3 +508,59 @@ def test_smoke_answers_compare_normalised_whitespace_and_case_but_not_words():
     assert not same("billing.", "billing", exact=True)
     assert not same("billing 2", "billing 3", exact=True)
     assert same("Billing and more", "billing", exact=False)  # maxNewTokens unknown: a prefix
+
+
+def test_delete_unloads_from_every_pod_and_says_so(published):
+    kube, pods = FakeKube(3), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    add(kube, "svc", *published["a"])
+    assert settle(rt, "svc")["phase"] == "Ready"
+    events, remaining = asyncio.run(ads.cleanup(rt, kube.objects["svc"]))
+    assert remaining == [] and [(e.type, e.reason) for e in events] == [("Normal", "Unloaded")]
+    assert events[0].message == "Unloaded svc from 3 pods"
+    assert all("svc" not in served for served in pods.served.values())
+    assert "uid-svc" not in rt.tracks and (NS, "svc") not in rt.selectors
+
+
+def test_many_adapterdeployments_of_one_deployment_share_its_reads_until_a_pod_changes(published):
+    kube, pods = FakeKube(2), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    rt.settings.shared_read_seconds = 60.0
+    calls: list[str] = []
+    for method in ("get_deployment", "get_secret", "list_pods"):
+        real = getattr(kube, method)
+        setattr(kube, method, lambda *args, _real=real, _name=method: calls.append(_name) or _real(*args))
+    names = [f"svc-{i}" for i in range(20)]
+    for name in names:
+        add(kube, name, *published["a"])
+        kube.objects[name]["spec"]["rollout"].update(strategy="AllAtOnce", smokePrompts=0)
+
+    async def resync() -> None:  # as the resync or a pod event queues them: all at once
+        await asyncio.gather(*(ads.reconcile(rt, NS, name) for name in names))
+
+    asyncio.run(resync())
+    assert all(kube.objects[n]["status"]["phase"] == "Ready" for n in names)
+    assert sorted(set(calls)) == ["get_deployment", "get_secret", "list_pods"]
+    assert calls.count("list_pods") == 1, "one LIST for 20 AdapterDeployments of the same Deployment"
+    # A pod changes (the pod watch drops the namespace's reads): the next passes see it.
+    kube.pods.pop()
+    rt.drop_reads(NS)
+    asyncio.run(resync())
+    assert calls.count("list_pods") == 2
+    assert {kube.objects[n]["status"]["desiredReplicas"] for n in names} == {1}
+
+
+def test_two_made_in_the_same_second_the_one_that_served_first_keeps_the_served_name(published):
+    kube, pods = FakeKube(2), FakePods(answers_for(published))
+    rt = runtime(kube, pods)
+    # creationTimestamp has whole seconds; "a-intruder" sorts before "owner" by name, and must still lose.
+    for name, adapter in (("owner", "a"), ("a-intruder", "b")):
+        add(kube, name, *published[adapter])
+        kube.objects[name]["metadata"]["creationTimestamp"] = "2026-11-30T10:00:00Z"
+        kube.objects[name]["spec"]["servedName"] = "support"
+    assert settle(rt, "owner", passes=2)["phase"] == "Ready"
+    intruder = settle(rt, "a-intruder", passes=2)
+    assert intruder["phase"] == "Refused"
+    assert next(c for c in intruder["conditions"] if c["type"] == "Conflict")["reason"] == "ServedNameInUse"
+    assert settle(rt, "owner", passes=1)["phase"] == "Ready"
+    assert {Path(p["support"]).name for p in pods.served.values()} == {published["a"][1][7:]}

@@ -19,6 +19,7 @@ from tests.rollout.conftest import (
     SERVER_PORT,
     ad_manifest,
     agent_files,
+    managed_target,
     served,
 )
 
@@ -28,20 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_managed_server_deployment_is_created_owned_and_served(rollout_env, adapters, track):
     env, good = rollout_env, adapters["good-a"]
     env.lorajob("managed-a", good)
-    target = {
-        "baseModel": BASE_MODEL,
-        "port": SERVER_PORT,
-        "maxLoras": 2,
-        "maxLoraRank": 16,
-        "apiKeySecretRef": {"name": API_KEY_SECRET},
-        "managed": {
-            "baseModel": {"uri": f"hf://{BASE_MODEL}", "revision": "main"},
-            "args": list(vllm_module.CPU_ARGS),
-            "replicas": 1,
-            "gpus": 1,
-            "gpuType": podrunner.SERVING_POOL.product,
-        },
-    }
+    target = managed_target()
     name = track(ad_manifest("managed", "support-managed", lora_job="managed-a", canary=1, smoke=2, target=target))
     deployment = wait_for("the managed Deployment", lambda: env.get("deployment", "managed-vllm"), timeout=60)
     owner = deployment["metadata"]["ownerReferences"][0]

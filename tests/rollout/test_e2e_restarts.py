@@ -18,11 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from kubelora.devenv import podrunner
-from kubelora.serving import vllm as vllm_module
 from tests.conftest import wait_for
-from tests.rollout.adapters import BASE_MODEL, Published
-from tests.rollout.conftest import API_KEY, API_KEY_SECRET, SERVER_PORT, RolloutEnv, ad_manifest
+from tests.rollout.adapters import Published
+from tests.rollout.conftest import API_KEY, SERVER_PORT, RolloutEnv, ad_manifest, managed_target
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -122,20 +120,7 @@ def test_pods_serve_the_adapter_with_the_operator_stopped(rollout_env, adapters,
     env, good = rollout_env, adapters["good-a"]
     sample = _sample(good)
     env.lorajob("restarts-a", good)
-    target = {
-        "baseModel": BASE_MODEL,
-        "port": SERVER_PORT,
-        "maxLoras": 2,
-        "maxLoraRank": 16,
-        "apiKeySecretRef": {"name": API_KEY_SECRET},
-        "managed": {
-            "baseModel": {"uri": f"hf://{BASE_MODEL}", "revision": "main"},
-            "args": list(vllm_module.CPU_ARGS),
-            "replicas": 1,
-            "gpus": 1,
-            "gpuType": podrunner.SERVING_POOL.product,
-        },
-    }
+    target = managed_target()
     name = track(ad_manifest(AD, SERVED, lora_job="restarts-a", canary=1, smoke=2, target=target))
     status = env.wait_phase(name, "Ready", loaded=1, timeout=300)["status"]
     # What a pod that starts now should serve: written when the rollout completed, owned by the AdapterDeployment.

@@ -133,7 +133,12 @@ def test_restarted_pod_gets_its_adapter_back(rollout_env, adapters, track):
         lambda: served(pod).get("support-drift", "").endswith(good.hex),
         timeout=60,
     )
-    assert env.operator.log().count(f"Loaded adapter pod={victim} ") > loads_before
+    # The operator put it back (its log line is written after vLLM lists the adapter, so wait for it)
+    wait_for(
+        "the operator's reload of the restarted pod",
+        lambda: env.operator.log().count(f"Loaded adapter pod={victim} ") > loads_before,
+        timeout=30,
+    )
     env.wait_phase(name, "Ready", loaded=REPLICAS)
     assert answers(pod, "support-drift", good) == expected(good)
 

@@ -1,8 +1,8 @@
 """What vLLM itself decides, shown against real vLLM (its CPU build) in the Deployment's pods.
 
-Each refusal becomes a clear AdapterDeployment condition with vLLM's own reason: a DoRA adapter, an adapter
-whose rank is above the server's --max-lora-rank (the spec claims more than the server allows), and calls
-without the server's --api-key.
+Each refusal becomes a clear AdapterDeployment condition with vLLM's own reason: an adapter whose rank is above
+the server's --max-lora-rank (the spec claims more than the server allows), and calls without the server's
+--api-key. A DoRA adapter, which vLLM refuses too, is refused by the operator before any pod tries it.
 """
 
 from __future__ import annotations
@@ -31,10 +31,18 @@ def assert_rejected(env, name, served_name, vllm_reason):
     assert obj["status"].get("loadedReplicas", 0) == 0
 
 
-def test_a_dora_adapter_is_refused_with_vllms_reason(rollout_env, adapters, track):
+def test_a_dora_adapter_is_refused_before_any_pod_loads_it(rollout_env, adapters, track):
+    """vLLM refuses DoRA as a runtime LoRA ("vLLM does not yet support DoRA"): the operator says so first."""
     env = rollout_env
     name = track(ad_manifest("dora", "support-dora", adapter=adapters["dora"], require_eval=False))
-    assert_rejected(env, name, "support-dora", "vLLM does not yet support DoRA")
+    obj = env.wait_phase(name, "Refused", timeout=120)
+    ready = condition(obj, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "DoRAUnsupported")
+    assert "vLLM cannot load DoRA adapters as runtime LoRA" in ready["message"], ready["message"]
+    log = env.operator.log()
+    assert not [line for line in log.splitlines() if "Adapter operation failed" in line and "support-dora" in line]
+    assert all("support-dora" not in served(pod) for pod in env.pods().values())
+    assert obj["status"].get("loadedReplicas", 0) == 0
 
 
 def test_a_rank_above_the_servers_max_lora_rank_is_refused_by_vllm(rollout_env, adapters, track):

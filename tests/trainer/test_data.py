@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubelora.trainer import tiny
-from kubelora.trainer.data import IGNORE_INDEX, Collator, Renderer, pack, read_jsonl, split, tokenize
+from kubelora.trainer.data import IGNORE_INDEX, Collator, Renderer, read_jsonl, split, to_dataset, tokenize
 from kubelora.trainer.errors import MalformedDatasetError
 
 pytestmark = pytest.mark.trainer
@@ -152,10 +152,12 @@ def test_fallback_template_when_the_tokenizer_has_none() -> None:
     assert prompt.endswith("### Assistant:\n")
 
 
-def test_pack_keeps_rows_whole() -> None:
-    from kubelora.trainer.data import Tokenized
-
-    rows = [Tokenized([1] * 10, [IGNORE_INDEX] * 5 + [1] * 5) for _ in range(5)]
-    packed = pack(rows, 25)
-    assert [len(p.input_ids) for p in packed] == [20, 20, 10]
-    assert sum(p.labels.count(IGNORE_INDEX) for p in packed) == 25
+def test_dataset_columns_carry_the_mask_trl_applies(tmp_path: Path) -> None:
+    tok = tiny.build_tokenizer()
+    examples = read_jsonl(tiny.write_jsonl(tiny.make_tickets(3, seed=2), tmp_path / "t.jsonl"), "chat").examples
+    rows, _ = tokenize(examples, Renderer(tok), max_len=64)
+    chat = to_dataset(rows, "chat")
+    assert chat.column_names == ["input_ids", "assistant_masks"]
+    assert chat[0]["assistant_masks"] == [0 if t == IGNORE_INDEX else 1 for t in rows[0].labels]
+    assert to_dataset(rows, "instruction").column_names == ["input_ids", "completion_mask"]
+    assert to_dataset(rows, "completion").column_names == ["input_ids"]

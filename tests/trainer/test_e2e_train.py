@@ -70,7 +70,7 @@ def check_published(client: Any, bucket: str, prefix: str, run: Run) -> dict[str
     paths = {f["path"] for f in manifest["files"]}
     assert {"adapter_model.safetensors", "adapter_config.json", "eval/results.json", "eval/samples.jsonl"} <= paths
     assert result["adapter"]["sizeBytes"] == sum(
-        f["sizeBytes"] for f in manifest["files"] if not f["path"].startswith("eval/")
+        f["sizeBytes"] for f in manifest["files"] if not f["path"].startswith(("eval/", "merged/"))
     )
     pointer = s3_json(client, bucket, f"{prefix}/kubelora-latest.json")
     assert pointer == {
@@ -159,10 +159,16 @@ def test_dora_end_to_end(
     tiny_kit: TinyKit, tmp_path: Path, minio_client: Any, bucket: str, s3_env: dict[str, str]
 ) -> None:
     uris = upload_kit(minio_client, bucket, tiny_kit)
-    run = run_trainer(tmp_path, spec_for(uris, bucket, out="dora", method="dora", lora__rsLoRA=True), env=s3_env)
+    # vLLM serves DoRA only merged: a DoRA job publishes its merged model, and is evaluated as that
+    manifest = spec_for(uris, bucket, out="dora", method="dora", lora__rsLoRA=True, output__mergedModel=True)
+    run = run_trainer(tmp_path, manifest, env=s3_env)
     assert run.returncode == 0, run.stderr[-3000:]
     ev = run.result["eval"]
     assert ev["passed"] is True and ev["adapter"]["exact_match"] >= 0.85
+    results = s3_json(minio_client, bucket, f"{digest_dir(run, bucket, 'dora')}/eval/results.json")
+    assert results["scoredOn"] == "merged"
+    check = s3_json(minio_client, bucket, f"{digest_dir(run, bucket, 'dora')}/merged/kubelora-merge-check.json")
+    assert check["passed"] is True and check["relative"] <= check["tolerance"] == 1e-3
     # DoRA adds one magnitude vector per adapted layer: 7 per block x 3 blocks, as long as the layer's output
     assert run.result["adapter"]["trainableParameters"] == 49152 + 3 * (128 + 64 + 64 + 128 + 256 + 256 + 128)
     check_published(minio_client, bucket, "dora", run)

@@ -209,3 +209,48 @@ def test_estimate_for_spec_defaults_to_one_epoch() -> None:
 def test_unsupported_architecture() -> None:
     with pytest.raises(estimate.UnsupportedArchitectureError):
         estimate.linear_layers({"model_type": "mamba", "hidden_size": 8})
+
+
+LLAMA_3_70B: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+A100_80 = "NVIDIA-A100-SXM4-80GB"
+
+
+def test_70b_lora_shards_with_fsdp_on_8_a100s_and_is_refused_on_one() -> None:
+    one = estimate.estimate(LLAMA_3_70B, method="lora", gpus=1, gpu_type=A100_80)
+    assert one.strategy == "Single" and one.fits() is False
+    assert one.memory_bytes["weights"] > 120 * estimate.GIB  # 70B in bf16
+    refusal = one.refusal()
+    assert refusal is not None and "does not fit" in refusal and "FSDP" in refusal
+    eight = estimate.estimate(LLAMA_3_70B, method="lora", gpus=8, gpu_type=A100_80)
+    assert eight.strategy == "FSDP" and eight.world_size == 8 and eight.fits() is True and eight.refusal() is None
+    assert eight.total_memory_bytes <= 80 * estimate.GIB < eight.replicated_bytes
+    # Weights and training state are split eight ways; activations are not.
+    assert eight.memory_bytes["weights"] == -(-one.memory_bytes["weights"] // 8)
+    assert eight.memory_bytes["activations"] == one.memory_bytes["activations"]
+    assert eight.memory_bytes["total"] == sum(v for k, v in eight.memory_bytes.items() if k != "total")
+    as_dict = eight.to_dict()
+    assert as_dict["strategy"] == "FSDP" and as_dict["totalBytesPerGpu"] == eight.total_memory_bytes
+    # The global batch is the spec's (batchSize x gradientAccumulation) whatever the world size.
+    assert as_dict["globalBatchSize"] == 8 and as_dict["worldSize"] == 8
+
+
+def test_ddp_when_the_model_fits_one_gpu_and_qlora_through_fsdp_when_not() -> None:
+    small = estimate.estimate(CONFIGS["llama-3-8b"], gpus=4, gpu_type=A100_80, batch_size=2, seq_len=1024)
+    assert small.strategy == "DDP" and small.total_memory_bytes == small.replicated_bytes and small.fits()
+    unknown_gpu = estimate.estimate(LLAMA_3_70B, gpus=2)
+    assert unknown_gpu.strategy == "DDP" and unknown_gpu.fits() is None
+    qlora = estimate.estimate(LLAMA_3_70B, method="qlora", gpus=2, gpu_type=A100_80)
+    assert qlora.weight_precision == "nf4" and qlora.replicated_bytes > 80 * estimate.GIB
+    assert qlora.strategy == "FSDP" and qlora.fits() is True
+    nodes = estimate.estimate(LLAMA_3_70B, gpus=8, nodes=2, gpu_type=A100_80, gradient_accumulation=2)
+    assert nodes.world_size == 16 and nodes.strategy == "FSDP" and nodes.global_batch_size == 8 * 2
+    assert nodes.total_memory_bytes < estimate.estimate(LLAMA_3_70B, gpus=8, gpu_type=A100_80).total_memory_bytes

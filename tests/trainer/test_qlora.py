@@ -35,6 +35,15 @@ def test_four_bit_load_forward_backward_on_cpu(tiny_kit: TinyKit) -> None:
     assert modeling.quantized_layers(model) == 21  # 7 linear layers x 3 blocks; the head stays unquantized
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert q.weight.dtype == torch.uint8 and q.weight.quant_state.quant_type == "nf4"
+    # prepare_model_for_kbit_training upcasts the rest to fp32; it goes back to the compute dtype (what the
+    # estimate counts): embeddings, lm_head and every norm
+    base = model.base_model.model
+    assert rt.dtype == torch.bfloat16
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    norms = [m for n, m in base.named_modules() if n.endswith("norm")]
+    assert len(norms) == 7 and all(m.weight.dtype == torch.bfloat16 for m in norms)
+    assert not [n for n, p in model.named_parameters() if p.dtype == torch.float32 and not p.requires_grad]
     ids = torch.randint(10, 90, (2, 12))
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()

@@ -110,3 +110,66 @@ def test_a_lorajob_run_reports_under_its_own_uid(tmp_path: Path, monkeypatch: py
     assert not (tmp_path / "out" / "_kubelora" / "result.json").exists()
     monkeypatch.setenv("KUBELORA_LORAJOB_UID", "../../elsewhere")
     assert reporter(tmp_path, interval=5, monkeypatch=monkeypatch).report_dir[1].isalnum()
+
+
+def test_the_chat_template_is_published_with_the_adapter(tmp_path: Path) -> None:
+    """Serving renders prompts as training did: the template goes next to the adapter, sha256 in the manifest."""
+    import hashlib
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from kubelora.trainer import publish
+    from tests.trainer import families
+
+    family = families.FAMILIES["qwen3"]
+    tok = families.build_tokenizer(family)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": "/tmp/x"}))
+    files = publish.stage(tmp_path, adapter, "Qwen/Qwen3-0.6B", None, None, chat_template=tok.chat_template)
+    body = {"kind": publish.MANIFEST_KIND, "adapter": {"method": "lora", "chatTemplate": "tokenizer"}}
+    out = tmp_path / "out"
+    artifact = publish.publish(
+        f"file://{out}",
+        files,
+        body,
+        trainable_parameters=1,
+        rank=8,
+        base_identity="Qwen/Qwen3-0.6B",
+        workdir=tmp_path,
+    )
+    published = out / "sha256" / artifact.digest.removeprefix("sha256:")
+    template = (published / publish.CHAT_TEMPLATE).read_text()
+    assert template == family.template
+    manifest = json.loads((published / publish.MANIFEST).read_text())
+    sha = hashlib.sha256(template.encode()).hexdigest()
+    assert manifest["adapter"]["chatTemplateFile"] == {
+        "path": "chat_template.jinja",
+        "sizeBytes": len(template.encode()),
+        "sha256": sha,
+    }
+    assert manifest["adapter"]["method"] == "lora" and manifest["adapter"]["chatTemplate"] == "tokenizer"
+    assert {"path": "chat_template.jinja", "sizeBytes": len(template.encode()), "sha256": sha} in manifest["files"]
+    assert body["adapter"] == {"method": "lora", "chatTemplate": "tokenizer"}  # the caller's body is not changed
+
+    # A tokenizer without a template picks the published file up and renders exactly what training rendered.
+    served = tmp_path / "served"
+    bare = families.build_tokenizer(family)
+    bare.chat_template = None
+    bare.save_pretrained(served)
+    assert not AutoTokenizer.from_pretrained(served).chat_template
+    shutil.copyfile(published / publish.CHAT_TEMPLATE, served / publish.CHAT_TEMPLATE)
+    messages = [{"role": "user", "content": "help"}, {"role": "assistant", "content": "billing"}]
+    for generation_prompt in (False, True):
+        convo = messages if not generation_prompt else messages[:1]
+        want = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=generation_prompt)
+        got = AutoTokenizer.from_pretrained(served).apply_chat_template(
+            convo, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        assert got == want
+
+    # no template, no file
+    files = publish.stage(tmp_path, adapter, "Qwen/Qwen3-0.6B", None, None)
+    assert publish.CHAT_TEMPLATE not in {f.path for f in files}

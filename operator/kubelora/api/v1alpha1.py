@@ -341,6 +341,11 @@ class Resources(Model):
     priority_class_name: Annotated[str, Field(max_length=253)] | None = Field(
         default=None, description="PriorityClass of the training pod"
     )
+    nodes: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description="Training pods (nodes), each with `gpus` GPUs. Above 1 the operator runs an Indexed Job and a "
+        "headless Service, and the pods rendezvous through torchrun's c10d backend at pod 0",
+    )
 
 
 class OutputTarget(Model):
@@ -459,6 +464,15 @@ class LoRAJobSpec(Model):
             field_path=".resources.gpus",
         ),
         Rule(
+            # vLLM cannot load a DoRA adapter as a runtime LoRA: a DoRA job is served (and evaluated) merged.
+            cel="self.method != 'dora' || self.output.mergedModel",
+            message="spec.output.mergedModel: method dora needs mergedModel: true (vLLM cannot load DoRA adapters "
+            "as runtime LoRA; a DoRA job is served and evaluated as its merged model)",
+            check=lambda s: s.method != "dora" or s.output.merged_model,
+            field_path=".output.mergedModel",
+            reason="FieldValueRequired",
+        ),
+        Rule(
             cel="self.dataset.format != 'completion' || !has(self.eval) "
             "|| self.eval.metrics.all(m, m in ['loss', 'perplexity'])",
             message="spec.eval.metrics: dataset.format completion has no answers to score; use only loss or perplexity",
@@ -471,6 +485,7 @@ class LoRAJobSpec(Model):
         ),
         presence_fixed("eval", "eval", "spec.eval"),
         presence_fixed("activeDeadlineSeconds", "active_deadline_seconds", "spec.activeDeadlineSeconds"),
+        presence_fixed("queueName", "queue_name", "spec.queueName"),
     )
 
     base_model: BaseModelSource = Field(
@@ -479,7 +494,8 @@ class LoRAJobSpec(Model):
     dataset: DatasetSource = Field(description="Training data", json_schema_extra=immutable("spec.dataset"))
     method: Method = Field(
         default="lora",
-        description="lora, qlora (4-bit base, needs a GPU) or dora (weight-decomposed LoRA)",
+        description="lora, qlora (4-bit base, needs a GPU) or dora (weight-decomposed LoRA; needs "
+        "output.mergedModel: vLLM serves DoRA only merged)",
         json_schema_extra=immutable("spec.method"),
     )
     lora: LoRAConfig = Field(
@@ -505,6 +521,14 @@ class LoRAJobSpec(Model):
         default=2,
         description="Failed training attempts to retry (the Job's backoffLimit, set when the Job is created)",
         json_schema_extra=immutable("spec.retries"),
+    )
+    queue_name: (
+        Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None
+    ) = Field(
+        default=None,
+        description="Kueue LocalQueue in the LoRAJob's namespace. When set, the Job is created suspended with the "
+        "kueue.x-k8s.io/queue-name label and starts when Kueue admits it (docs/gpu-cluster.md)",
+        json_schema_extra=immutable("spec.queueName"),
     )
     active_deadline_seconds: Annotated[int, Field(ge=60)] | None = Field(
         default=None,
@@ -611,6 +635,22 @@ class AdapterArtifact(Model):
         return _with_derived(self, handler(self), info, short_digest=short_digest(self.digest))
 
 
+class TrainingLayout(Model):
+    """How the run is spread over processes, as the trainer ran it."""
+
+    strategy: Literal["Single", "DDP", "FSDP"] | None = Field(
+        default=None, description="Single (one process), DDP or FSDP"
+    )
+    nodes: int | None = Field(default=None, description="Training pods")
+    processes_per_node: int | None = Field(default=None, description="Processes (one per GPU) in each pod")
+    world_size: int | None = Field(default=None, description="Processes in all: nodes times processesPerNode")
+    global_batch_size: int | None = Field(
+        default=None,
+        description="Sequences per optimizer step over all processes: batch size per process times gradient "
+        "accumulation steps times world size",
+    )
+
+
 class LoRAJobStatus(Model):
     """Observed state of a LoRAJob, written by the operator."""
 
@@ -627,6 +667,9 @@ class LoRAJobStatus(Model):
     job_name: str | None = Field(default=None, description="The batch/v1 Job of the current attempt")
     attempts: int = Field(default=0, description="Training attempts started")
     progress: TrainingProgress | None = Field(default=None, description="Live training progress")
+    training: TrainingLayout | None = Field(
+        default=None, description="Distribution strategy, world size and global batch of the run (the trainer's)"
+    )
     eval: EvalResults | None = Field(default=None, description="Evaluation outcome")
     adapter: AdapterArtifact | None = Field(default=None, description="The published adapter")
     start_time: str | None = Field(default=None, description="RFC 3339 time the first attempt started")

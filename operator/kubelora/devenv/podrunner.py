@@ -35,6 +35,11 @@ node label selectors), e.g. training Job pods on the kwok GPU nodes and the Helm
     python -m kubelora.devenv.podrunner run --images --namespace demo \
         --node-selector kubelora.dev/pool=a100 --selector app.kubernetes.io/component=operator
 
+Training pods that talk to each other (torchrun across the pods of an Indexed Job, or several processes in
+one pod) need pod IPs they can bind: :func:`ensure_loopback_gpu_nodes` makes kwok GPU nodes whose pods get
+127.2.x addresses (product :data:`LOOPBACK_GPU_POOL`), and the kubelet writes each pod's /etc/hosts with the
+names a headless Service gives its pods (:mod:`kubelora.devenv.kubelet.hosts`).
+
 From Python, :func:`image_runner` makes one (by default it claims every pod of its namespace but those
 labelled :data:`POD_LABEL`); :meth:`PodRunner.logs` returns what the containers printed.
 
@@ -98,9 +103,28 @@ def shared_adapters_dir(pod_uid: str, create: bool = True) -> Path:
     return path
 
 
+#: GPU nodes whose pods get 127.2.<node>.x addresses, for training pods that talk to each other (torchrun's
+#: rendezvous and gloo between the pods of a multi-node LoRAJob, or the processes of a multi-GPU pod, which reach
+#: each other at the pod's IP): kwok gives pods of the default GPU pools addresses in 10.0.0.0/24, which no
+#: process here can bind. A LoRAJob lands here with ``resources.gpuType`` set to this pool's product.
+LOOPBACK_GPU_POOL = cluster.GPUPool(
+    "loopback", 2, 8, "KWOK-Loopback-GPU-80GB", 81920, "ampere", pod_cidr_base="127.2.{index}.0/24"
+)
+
+
 def ensure_serving_nodes(env: cluster.DevEnv, count: int = 1, timeout: float = 60.0) -> list[str]:
     """Create (or keep) ``count`` serving-pool nodes and wait until they are Ready; returns their names."""
-    pool = dataclasses.replace(SERVING_POOL, count=count)
+    return ensure_pool_nodes(env, SERVING_POOL, count, timeout)
+
+
+def ensure_loopback_gpu_nodes(env: cluster.DevEnv, count: int = 2, timeout: float = 60.0) -> list[str]:
+    """Create (or keep) ``count`` nodes of :data:`LOOPBACK_GPU_POOL` and wait until they are Ready."""
+    return ensure_pool_nodes(env, LOOPBACK_GPU_POOL, count, timeout)
+
+
+def ensure_pool_nodes(env: cluster.DevEnv, pool: cluster.GPUPool, count: int, timeout: float = 60.0) -> list[str]:
+    """Create (or keep) ``count`` nodes of ``pool`` and wait until they are Ready; returns their names."""
+    pool = dataclasses.replace(pool, count=count)
     nodes = [cluster.gpu_node(pool, i) for i in range(count)]
     cluster.apply_nodes(env, nodes)
     names = [n["metadata"]["name"] for n in nodes]

@@ -28,6 +28,8 @@ ACTIONLINT_VERSION = "v1.7.12"
 # gopher-lua, the Lua interpreter Argo CD embeds for resource health checks; v1.1.1 is the release
 # Argo CD's own go.mod requires.
 GLUA_VERSION = "v1.1.1"
+# Kueue, the job queue of docs/gpu-cluster.md (tests/queueing). Its CRDs come from the same module's source.
+KUEUE_VERSION = "v0.17.0"
 
 
 def cache_root() -> Path:
@@ -69,7 +71,9 @@ HELM = Tool("helm", HELM_VERSION, ("helm",))
 ACTIONLINT = Tool("actionlint", ACTIONLINT_VERSION, ("actionlint",))
 # Runs the Argo CD health checks of docs/gitops.md (tests/helm/test_gitops_lua.py).
 GLUA = Tool("glua", GLUA_VERSION, ("glua",))
-ALL_TOOLS = (ETCD, KUBERNETES, KWOK, MINIO, HELM, ACTIONLINT, GLUA)
+# Admits suspended Jobs against ClusterQueue quotas (tests/queueing, kubelora.devenv.kueue).
+KUEUE = Tool("kueue", KUEUE_VERSION, ("kueue",))
+ALL_TOOLS = (ETCD, KUBERNETES, KWOK, MINIO, HELM, ACTIONLINT, GLUA, KUEUE)
 
 
 def _go_env() -> dict[str, str]:
@@ -212,6 +216,7 @@ BUILDERS = {
     "helm": _go_install(["helm.sh/helm/v3/cmd/helm"]),
     "actionlint": _go_install(["github.com/rhysd/actionlint/cmd/actionlint"]),
     "glua": _go_install(["github.com/yuin/gopher-lua/cmd/glua"]),
+    "kueue": _go_install(["sigs.k8s.io/kueue/cmd/kueue"]),
 }
 
 

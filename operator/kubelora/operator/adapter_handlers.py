@@ -243,6 +243,7 @@ async def pod_changed(body: kopf.Body, namespace: str | None, memo: Any, **kwarg
         if memo.pod_seen.get(uid) == fingerprint:
             return
         memo.pod_seen[uid] = fingerprint
+    memo.adapters.drop_reads(namespace)  # the passes this queues must see the pod as it is now
     labels = (body.get("metadata") or {}).get("labels") or {}
     for (ad_namespace, ad_name), selector in list(memo.adapters.selectors.items()):
         if ad_namespace == namespace and selector_matches(selector, labels):

@@ -108,6 +108,8 @@ class ResolvedAdapter:
     samples: list[dict[str, Any]]
     max_new_tokens: int | None  # None: unknown (compare by prefix)
     samples_problem: str | None = None
+    dora: bool = False  # a DoRA adapter: vLLM cannot load it as a runtime LoRA
+    merged_uri: str | None = None  # where the LoRAJob published the merged model (output.mergedModel), if it did
 
 
 @dataclasses.dataclass
@@ -358,6 +360,11 @@ async def _resolve(runtime: Runtime, ad: AdapterDeployment, secrets: list[str | 
             return Resolution("pending", exc.reason, exc.message)
         base = (manifest.get("baseModel") or {}).get("name") or status_base or ""
         rank = adapter_rank(adapter_config) if adapter_config.get("r") else int(status_rank or 0)
+        about = manifest.get("adapter")
+        method = about.get("method") if isinstance(about, dict) else None
+        merged = any(
+            isinstance(f, dict) and str(f.get("path", "")).startswith("merged/") for f in manifest.get("files") or []
+        )
         cached = ResolvedAdapter(
             digest=digest,
             uri=files_uri,
@@ -367,12 +374,28 @@ async def _resolve(runtime: Runtime, ad: AdapterDeployment, secrets: list[str | 
             samples=samples,
             max_new_tokens=max_new_tokens,
             samples_problem=samples_problem,
+            dora=adapter_config.get("use_dora") is True or method == "dora",
+            merged_uri=_join(files_uri, "merged/") if merged else None,
         )
         if len(runtime.adapters) > 256:
             runtime.adapters.clear()
         runtime.adapters[key] = cached
     adapter = dataclasses.replace(cached, source=source, max_new_tokens=max_new_tokens)
     target = spec.target
+    if adapter.dora:
+        # vLLM refuses a DoRA adapter at load time ("vLLM does not yet support DoRA"): say so before any pod tries.
+        instead = (
+            f"serve its merged model {adapter.merged_uri} as a base model instead"
+            if adapter.merged_uri
+            else "train it with spec.output.mergedModel and serve the merged model as a base model instead"
+        )
+        return Resolution(
+            "refused",
+            "DoRAUnsupported",
+            f"{source}: a DoRA adapter (use_dora in its adapter_config.json) cannot be served: vLLM cannot load "
+            f"DoRA adapters as runtime LoRA; {instead}",
+            adapter,
+        )
     if adapter.rank > target.max_lora_rank:
         return Resolution(
             "refused",

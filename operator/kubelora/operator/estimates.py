@@ -78,6 +78,21 @@ def estimate_manifest(manifest: Path, model_config_path: Path | None = None) -> 
     return estimate_spec(spec, model_config)
 
 
+def refusal(result: dict[str, Any]) -> str | None:
+    """Why the estimated run does not fit its GPUs (the trainer and the operator's preflight refuse it), or None."""
+    if result.get("fits") is not False:
+        return None
+    need, have = result["totalBytesPerGpu"] / 2**30, (result.get("gpuMemoryBytes") or 0) / 2**30
+    world = int(result.get("worldSize") or 1)
+    message = (
+        f"Refused: estimated {need:.1f} GiB per GPU with {result.get('strategy')} exceeds the {have:.1f} GiB of "
+        f"{world} x {result.get('gpuType') or 'GPU'}"
+    )
+    if result.get("strategy") != "FSDP":
+        message += "; more GPUs (spec.resources.gpus, spec.resources.nodes) let FSDP shard the model"
+    return message
+
+
 def render_estimate(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -92,12 +107,18 @@ def render_estimate(result: dict[str, Any]) -> None:
     gpu_hours = result.get("gpuHours")
     summary.add_row("GPU-hours", "unknown (give maxSteps)" if gpu_hours is None else f"{gpu_hours:.2f}")
     summary.add_row("Cost", str(result.get("costEstimate") or "unknown"))
+    summary.add_row(
+        "Strategy",
+        f"{result.get('strategy', 'Single')} over {result.get('worldSize', 1)} GPU(s) on {result.get('nodes', 1)} "
+        f"node(s), global batch {result.get('globalBatchSize')}",
+    )
     fits = result.get("fits")
     summary.add_row("Fits the GPU", "unknown GPU" if fits is None else ("yes" if fits else "NO"))
     console.print(summary)
-    memory = Table(title="Memory per GPU")
+    memory = Table(title=f"Memory per GPU ({result.get('strategy', 'Single')})")
     memory.add_column("Component")
     memory.add_column("GiB", justify="right")
     for component, size in result["memoryBytes"].items():
         memory.add_row(component, f"{size / 2**30:.2f}")
+    memory.add_row("total per GPU", f"{result['totalBytesPerGpu'] / 2**30:.2f}")
     console.print(memory)

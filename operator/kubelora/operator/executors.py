@@ -19,7 +19,7 @@ from kubelora import storage
 from kubelora.api.v1alpha1 import LoRAJob
 from kubelora.operator import names
 from kubelora.operator.config import OperatorConfig
-from kubelora.operator.jobspec import EXIT_CONFIG_ERROR, build_job, spec_annotation
+from kubelora.operator.jobspec import EXIT_CONFIG_ERROR, build_job, build_service, spec_annotation
 from kubelora.operator.observe import (
     Observation,
     RunLedger,
@@ -40,6 +40,11 @@ CONTAINER_ERRORS = frozenset(
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 #: The container whose running time is the run's GPU time.
 TRAINER_CONTAINER = "trainer"
+#: A namespace ResourceQuota refuses the Job or its pods (e.g. requests.nvidia.com/gpu); the run waits for quota.
+QUOTA_EXCEEDED = "QuotaExceeded"
+#: Kueue has not admitted the suspended Job yet; the reason when its Workload says nothing more.
+KUEUE_PENDING = "PendingAdmission"
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 
 
 class StartRefusedError(Exception):
@@ -51,9 +56,26 @@ class StartRefusedError(Exception):
         self.message = message
 
 
+#: A Job without pods is asked about quota refusals (an events LIST) once it is this old, and then at most this
+#: often: a Job controller busy with many Jobs leaves them podless for a while, and a LIST per look per Job
+#: would cost more than the refusal message is worth. Three reconcile intervals (30 s by default).
+QUOTA_CHECK_SECONDS = 3 * float(os.environ.get("KUBELORA_RECONCILE_INTERVAL", "10"))
+
+
+def _age_seconds(timestamp: str | None) -> float:
+    """Seconds since an RFC 3339 timestamp of the API server; infinite when there is none."""
+    import datetime
+
+    if not timestamp:
+        return float("inf")
+    then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return (datetime.datetime.now(datetime.UTC) - then).total_seconds()
+
+
 class Executor(Protocol):
-    def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
-        """Start the run unless it exists; idempotent. Returns the run's name; raises StartRefusedError."""
+    def start(self, lorajob: LoRAJob, credentials: dict[str, str], estimate: dict[str, Any] | None = None) -> str:
+        """Start the run unless it exists; idempotent. Returns the run's name; raises StartRefusedError.
+        ``estimate`` is the preflight's (not yet in the status on a first start): it sizes the grace period."""
 
     def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation: ...
 
@@ -178,12 +200,52 @@ def _newest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
 
 
+def quota_refusal(events: list[dict[str, Any]]) -> str | None:
+    """The message of the newest FailedCreate event that says a ResourceQuota refused the Job's pods (pure)."""
+    refused = [
+        e for e in events if e.get("reason") == "FailedCreate" and "exceeded quota" in str(e.get("message") or "")
+    ]
+    if not refused:
+        return None
+    newest = max(refused, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    return str(newest.get("message") or "")
+
+
+def workload_state(workload: dict[str, Any] | None) -> tuple[str, str]:
+    """(reason, message) of a Kueue Workload that has not been admitted (pure).
+
+    Kueue says why in the QuotaReserved condition (reason Pending, "couldn't assign flavors to pod set ...:
+    insufficient quota ..."), and the position in the queue in status.requeueState / the message.
+    """
+    if workload is None:
+        return KUEUE_PENDING, "Waiting for Kueue to create the Workload of the Job"
+    status = workload.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    for kind in ("QuotaReserved", "Admitted"):
+        condition = conditions.get(kind)
+        if condition is not None and condition.get("status") == "False":
+            reason = str(condition.get("reason") or "Pending")
+            message = str(condition.get("message") or "")
+            return f"Kueue{reason}" if not reason.startswith("Kueue") else reason, message
+    evicted = conditions.get("Evicted")
+    if evicted is not None and evicted.get("status") == "True":
+        return "KueueEvicted", str(evicted.get("message") or "")
+    quota = conditions.get("QuotaReserved")
+    if quota is not None and quota.get("status") == "True":
+        return "KueueAdmitting", str(quota.get("message") or "Quota reserved; waiting for admission checks")
+    return KUEUE_PENDING, "Waiting for Kueue to admit the Workload"
+
+
 def observe_job(
-    job: dict[str, Any] | None, pods: list[dict[str, Any]], deadline_seconds: int | None = None
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    deadline_seconds: int | None = None,
+    quota_message: str | None = None,
 ) -> Observation:
     """Map a Job and its pods to an Observation (pure; unit-tested without a cluster).
 
     `deadline_seconds` is the pods' activeDeadlineSeconds, only for the message of an attempt that exceeded it.
+    `quota_message` is what a ResourceQuota said when it refused the Job's pods (a FailedCreate event).
     """
     if job is None:
         return Observation(state="NotStarted")
@@ -223,7 +285,24 @@ def observe_job(
     pod_state = _pod_observation(pods)
     if pod_state is not None:
         base.state, base.reason, base.message = pod_state  # type: ignore[assignment]
+    elif quota_message and not int(status.get("active") or 0):
+        base.reason = QUOTA_EXCEEDED
+        base.message = (
+            f"A ResourceQuota of the namespace refuses the training pods; the Job retries when quota frees up: "
+            f"{quota_message}"
+        )
     return base
+
+
+def job_suspended(job: dict[str, Any] | None) -> bool:
+    """A Job that has not finished and is held suspended (by its spec, e.g. until Kueue admits it)."""
+    if job is None or not (job.get("spec") or {}).get("suspend"):
+        return False
+    finished = {"Complete", "Failed", "FailureTarget"}
+    return not any(
+        c.get("type") in finished and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
 
 
 class JobExecutor:
@@ -240,11 +319,16 @@ class JobExecutor:
         from kubernetes import client
 
         self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
         self.config = config
         self.jobs: Any = {}
         self.pods: Any = {}
         self.ledger = RunLedger()
         self.ledger_pruned_at = time.monotonic()
+        # Job UID -> when its quota refusals were last listed, and the refusal found (kept only while it holds).
+        self.quota_checked: dict[str, float] = {}
+        self.quota_refused: dict[str, str] = {}
         self.http = http_pool(config.s3_connect_timeout_seconds, config.s3_read_timeout_seconds)
 
     def bind(self, jobs: Any, pods: Any) -> None:
@@ -256,11 +340,25 @@ class JobExecutor:
         # One Job per LoRAJob; the newest, should an older operator version have named it otherwise.
         return max(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "", default=None)
 
-    def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
+    def start(self, lorajob: LoRAJob, credentials: dict[str, str], estimate: dict[str, Any] | None = None) -> str:
         from kubernetes.client.exceptions import ApiException
 
-        body: Any = build_job(lorajob, self.config)
+        body: Any = build_job(lorajob, self.config, estimate)
         namespace, name = lorajob.metadata.namespace or "default", str(body["metadata"]["name"])
+        service: Any = build_service(lorajob)
+        if service is not None:
+            # First, so pod 0's hostname resolves when the pods start. Owned by the LoRAJob like the Job.
+            try:
+                self.core.create_namespaced_service(namespace, service)
+            except ApiException as exc:
+                if exc.status != 409:
+                    if exc.status is not None and 400 <= exc.status < 500:
+                        raise StartRefusedError(
+                            _refusal_reason(exc),
+                            f"The API server refused Service {namespace}/{service['metadata']['name']}: "
+                            f"{api_message(exc)}",
+                        ) from None
+                    raise
         try:
             self.batch.create_namespaced_job(namespace, body)
         except ApiException as exc:
@@ -275,7 +373,7 @@ class JobExecutor:
                 ) from None
             if exc.status is not None and 400 <= exc.status < 500:
                 raise StartRefusedError(
-                    "JobRejected", f"The API server refused Job {namespace}/{name}: {api_message(exc)}"
+                    _refusal_reason(exc), f"The API server refused Job {namespace}/{name}: {api_message(exc)}"
                 ) from None
             raise
         return name
@@ -283,7 +381,20 @@ class JobExecutor:
     def observe(self, lorajob: LoRAJob, credentials: dict[str, str], read_progress: bool) -> Observation:
         job = self._job(lorajob)
         pods = list(self.pods.get(job["metadata"].get("uid"), [])) if job is not None else []
-        observation = observe_job(job, pods, lorajob.spec.active_deadline_seconds)
+        if job_suspended(job):
+            assert job is not None
+            reason, message = workload_state(self._workload(job))
+            # A Job suspended again (Kueue evicted it) keeps the GPU time its earlier runs used.
+            seconds = self.ledger.record(str(job["metadata"].get("uid")), container_runs(pods, TRAINER_CONTAINER))
+            return Observation(
+                state="Queued",
+                reason=reason,
+                message=message,
+                run_name=job["metadata"]["name"],
+                running_seconds=seconds,
+            )
+        quota = self._quota_refusal(job) if job is not None and not pods else None
+        observation = observe_job(job, pods, lorajob.spec.active_deadline_seconds, quota)
         if job is not None:
             # Every run seen of this Job, including those whose pods are gone since.
             job_uid = str(job["metadata"].get("uid") or job["metadata"]["name"])
@@ -299,6 +410,64 @@ class JobExecutor:
             observation.report = read_s3_report(lorajob, credentials, ("progress.json",), self.http)
         return observation
 
+    def _workload(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The Kueue Workload of this Job: the one whose controller ownerReference is the Job (by UID)."""
+        from kubernetes.client.exceptions import ApiException
+
+        meta = job["metadata"]
+        try:
+            listed: Any = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads"
+            )
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return None  # Kueue not installed, or not readable: the generic message
+            raise
+        for workload in listed.get("items") or []:
+            if names.controller_uid(workload.get("metadata") or {}, "batch/v1", "Job") == meta.get("uid"):
+                return dict(workload)
+        return None
+
+    def _quota_refusal(self, job: dict[str, Any]) -> str | None:
+        """What a ResourceQuota said when it refused this Job's pods: the Job controller's FailedCreate events."""
+        from kubernetes.client.exceptions import ApiException
+
+        meta = job["metadata"]
+        if int((job.get("status") or {}).get("active") or 0):
+            return None
+        uid = str(meta.get("uid"))
+        now = time.monotonic()
+        if (
+            _age_seconds(meta.get("creationTimestamp")) < QUOTA_CHECK_SECONDS
+            or now - self.quota_checked.get(uid, -QUOTA_CHECK_SECONDS) < QUOTA_CHECK_SECONDS
+        ):
+            # Every Job is podless for its first moments; a Pending LoRAJob is looked at again every
+            # reconcile interval, so a later look checks. The last answer stands until then.
+            return self.quota_refused.get(uid)
+        self.quota_checked[uid] = now
+        try:
+            listed = self.core.list_namespaced_event(
+                meta["namespace"], field_selector=f"involvedObject.uid={meta.get('uid')},reason=FailedCreate"
+            )
+        except ApiException as exc:
+            if exc.status == 403:
+                return None
+            raise
+        events = [
+            {
+                "reason": e.reason,
+                "message": e.message,
+                "lastTimestamp": str(e.last_timestamp or e.event_time or ""),
+            }
+            for e in listed.items or []
+        ]
+        refused = quota_refusal(events)
+        if refused is None:
+            self.quota_refused.pop(uid, None)
+        else:
+            self.quota_refused[uid] = refused
+        return refused
+
     def _prune_ledger(self) -> None:
         if time.monotonic() - self.ledger_pruned_at < self.LEDGER_PRUNE_INTERVAL:
             return
@@ -309,6 +478,9 @@ class JobExecutor:
             for job in list(store)
         }
         self.ledger.retain(live)
+        for seen in (self.quota_checked, self.quota_refused):
+            for uid in [u for u in seen if u not in live]:
+                del seen[uid]
 
     def read_outcome(self, lorajob: LoRAJob, credentials: dict[str, str]) -> TrainerReport:
         """The run's own terminal report, for a run whose Job is gone."""
@@ -316,6 +488,11 @@ class JobExecutor:
 
     def cancel(self, lorajob: LoRAJob) -> None:
         """Deleting the LoRAJob deletes the Job through its owner reference; nothing else to do."""
+
+
+def _refusal_reason(exc: Any) -> str:
+    """QuotaExceeded when a ResourceQuota refused the object (403, "exceeded quota"), else JobRejected."""
+    return QUOTA_EXCEEDED if exc.status == 403 and "exceeded quota" in api_message(exc) else "JobRejected"
 
 
 def api_message(exc: Any) -> str:
@@ -386,7 +563,7 @@ class LocalExecutor:
         )
         (run_dir / "pid").write_text(str(process.pid))
 
-    def start(self, lorajob: LoRAJob, credentials: dict[str, str]) -> str:
+    def start(self, lorajob: LoRAJob, credentials: dict[str, str], estimate: dict[str, Any] | None = None) -> str:
         run_dir = self._dir(lorajob)
         if (run_dir / "pid").is_file():
             return run_dir.name

@@ -135,9 +135,13 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A Job as the reconcile reads it: identity and status."""
+    """A Job as the reconcile reads it: identity, status, and whether it is suspended (queued in Kueue)."""
     meta = {k: v for k, v in body["metadata"].items() if k in ("name", "namespace", "creationTimestamp", "uid")}
-    return {"metadata": meta, "status": dict(body.get("status") or {})}
+    slim: dict[str, Any] = {"metadata": meta, "status": dict(body.get("status") or {})}
+    suspend = (body.get("spec") or {}).get("suspend")
+    if suspend is not None:
+        slim["spec"] = {"suspend": bool(suspend)}
+    return slim
 
 
 _POD_STATUS = ("phase", "reason", "conditions", "startTime")

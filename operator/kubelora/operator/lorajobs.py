@@ -13,7 +13,13 @@ from typing import Any
 from kubelora.api.v1alpha1 import LoRAJob
 from kubelora.operator.conditions import get_condition, now, set_condition
 from kubelora.operator.config import OperatorConfig
-from kubelora.operator.executors import CONTAINER_ERRORS, DEADLINE_EXCEEDED, Executor, StartRefusedError
+from kubelora.operator.executors import (
+    CONTAINER_ERRORS,
+    DEADLINE_EXCEEDED,
+    QUOTA_EXCEEDED,
+    Executor,
+    StartRefusedError,
+)
 from kubelora.operator.observe import Observation
 from kubelora.operator.preflight import Cluster, ObjectStore, Preflight, preflight, role_credentials, role_env
 
@@ -31,7 +37,7 @@ class Event:
 
 
 def is_warning(reason: str) -> bool:
-    return reason.endswith(_WARNING_SUFFIXES) or reason in CONTAINER_ERRORS
+    return reason.endswith(_WARNING_SUFFIXES) or reason in CONTAINER_ERRORS or reason == QUOTA_EXCEEDED
 
 
 def _cost(lorajob: LoRAJob, running_seconds: float, recorded: Any, config: OperatorConfig) -> tuple[float, str]:
@@ -50,6 +56,19 @@ def _cost(lorajob: LoRAJob, running_seconds: float, recorded: Any, config: Opera
     cost = gpu_seconds / 3600 * price
     # Cents hide a short run's cost entirely; show four decimals below one dollar.
     return gpu_seconds, f"{cost:.2f} USD" if cost >= 1 else f"{cost:.4f} USD"
+
+
+#: What the trainer reports of how it ran (``training`` in its progress and result events): status.training.
+TRAINING_LAYOUT_KEYS = ("strategy", "nodes", "processesPerNode", "worldSize", "globalBatchSize")
+
+
+def training_layout(event: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The strategy, world size and global batch the trainer reported in an event, in status.training's form."""
+    layout = (event or {}).get("training")
+    if not isinstance(layout, dict):
+        return None
+    kept = {k: layout[k] for k in TRAINING_LAYOUT_KEYS if layout.get(k) is not None}
+    return kept or None
 
 
 def _phase_for_running(observation: Observation) -> str:
@@ -100,15 +119,21 @@ def derive_status(
     if observation.started_at:
         status["startTime"] = observation.started_at
     if report.progress:
-        progress = {k: v for k, v in report.progress.items() if v is not None}
+        progress = {k: v for k, v in report.progress.items() if v is not None and k != "training"}
         progress["updatedAt"] = now()
         status["progress"] = progress
+    layout = training_layout(report.result) or training_layout(report.progress)
+    if layout:
+        status["training"] = layout
 
     reason, message = observation.reason, observation.message
     if state in ("NotStarted", "Pending"):
         phase = "Pending"
         reason = reason or "Starting"
         message = message or "Waiting for the trainer to start"
+        if reason == QUOTA_EXCEEDED:
+            # Not a failure: the Job controller (or the next pass) creates the pods once the quota allows.
+            conditions = set_condition(conditions, "Scheduled", False, reason, message, generation)
         conditions = set_condition(conditions, "Ready", False, reason, message, generation)
     elif state == "Queued":
         phase = "Queued"
@@ -280,7 +305,7 @@ def _start(
 ) -> Observation:
     meta = lorajob.metadata
     try:
-        run_name = executor.start(lorajob, role_env(check.credentials))
+        run_name = executor.start(lorajob, role_env(check.credentials), check.estimate)
     except StartRefusedError as exc:
         logger.warning(
             "Cannot start training run lorajob=%s/%s reason=%s message=%r",

@@ -26,14 +26,21 @@ def _prefix(name: str, limit: int) -> str:
     return name[:limit].replace(".", "-").rstrip("-")
 
 
-def job_name(lorajob_name: str, lorajob_uid: str | None) -> str:
+def job_name(lorajob_name: str, lorajob_uid: str | None, nodes: int = 1) -> str:
     """``<name>-train-<8 hex digits of the UID's sha256>``, the name cut so the whole fits 63 characters.
 
     The UID makes a LoRAJob deleted and re-created under the same name get a Job of another name, so the
-    new one never meets the old Job (still being garbage-collected) at all.
+    new one never meets the old Job (still being garbage-collected) at all. A multi-node (Indexed) Job's pods
+    are named and hostnamed ``<job>-<index>``, a DNS label too, so its name leaves room for ``-<nodes - 1>``.
     """
     tail = f"-{JOB_SUFFIX}-{short_hash(lorajob_uid or lorajob_name)}"
-    return _prefix(lorajob_name, LABEL_VALUE_MAX - len(tail)) + tail
+    reserve = len(f"-{nodes - 1}") if nodes > 1 else 0
+    return _prefix(lorajob_name, LABEL_VALUE_MAX - len(tail) - reserve) + tail
+
+
+def service_name(job: str) -> str:
+    """The headless Service of a multi-node Job: the Job's name, which must start with a letter (DNS-1035)."""
+    return job if job[:1].isalpha() else f"j{job}"[:LABEL_VALUE_MAX].rstrip("-")
 
 
 def label_value(lorajob_name: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
-from kubelora.api.v1alpha1 import AdapterDeployment, ReplicaState
+from kubelora.api.v1alpha1 import AdapterDeployment
 from kubelora.operator.adapter_resolution import DEFAULT_MAX_NEW_TOKENS
 from kubelora.operator.managed_server import (
     AGENT_PORT,
@@ -29,6 +29,7 @@ from kubelora.operator.managed_server import (
     MANAGED_LABEL,
     agent_token_ref,
 )
+from kubelora.operator.rollout import KEEP, PodState, Want, WantValue
 from kubelora.serving import vllm
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ class Settings:
     fetch_timeout_seconds: float = 600.0
     load_timeout_seconds: float = 120.0
     generate_timeout_seconds: float = 60.0
+    #: How long one read of a target's Deployment, Secrets and pod list serves every AdapterDeployment that
+    #: asks for the same (0: no sharing); a pod event drops the namespace's reads at once.
+    shared_read_seconds: float = 2.0
     allowed_pod_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
@@ -78,6 +82,7 @@ class Settings:
             rollout_max_attempts=max(1, int(_env_float("KUBELORA_ROLLOUT_MAX_ATTEMPTS", 3))),
             rollout_timeout_seconds=_env_float("KUBELORA_ROLLOUT_TIMEOUT_SECONDS", 600.0),
             backoff_max_seconds=_env_float("KUBELORA_ADAPTER_BACKOFF_MAX_SECONDS", 60.0),
+            shared_read_seconds=_env_float("KUBELORA_ADAPTER_SHARED_READ_SECONDS", 2.0),
             allowed_pod_networks=networks,
         )
 
@@ -169,7 +174,7 @@ def _pod_ready(pod: Mapping[str, Any]) -> bool:
 async def _secret_value(
     runtime: Runtime, namespace: str, name: str, key: str, field: str
 ) -> tuple[str | None, str | None]:
-    secret = await runtime.to_thread(runtime.kube.get_secret, namespace, name)
+    secret = await runtime.shared_read(("secret", namespace, name), runtime.kube.get_secret, namespace, name)
     if secret is None or not secret.get(key):
         what = f"Secret {namespace}/{name}" + (" does not exist" if secret is None else f" has no key {key}")
         return None, f"{what} ({field})"
@@ -181,7 +186,12 @@ async def target_pods(runtime: Runtime, ad: AdapterDeployment) -> tuple[list[Pod
     target = ad.spec.target
     namespace = ad.metadata.namespace or "default"
     if target.deployment_name:
-        deployment = await runtime.to_thread(runtime.kube.get_deployment, namespace, target.deployment_name)
+        deployment = await runtime.shared_read(
+            ("deployment", namespace, target.deployment_name),
+            runtime.kube.get_deployment,
+            namespace,
+            target.deployment_name,
+        )
         if deployment is None:
             return [], f"Deployment {namespace}/{target.deployment_name} does not exist"
         selector = label_selector(deployment["spec"].get("selector") or {})
@@ -203,7 +213,7 @@ async def target_pods(runtime: Runtime, ad: AdapterDeployment) -> tuple[list[Pod
     agent_token, problem = await _secret_value(runtime, namespace, token_name, token_key, field)
     if problem:
         return [], problem
-    raw = await runtime.to_thread(runtime.kube.list_pods, namespace, selector)
+    raw = await runtime.shared_read(("pods", namespace, selector), runtime.kube.list_pods, namespace, selector)
     pods = []
     for item in raw:
         if not _pod_ready(item):
@@ -391,41 +401,9 @@ def digest_of_root(root: str | None) -> str | None:
     return f"sha256:{name}" if DIGEST_HEX.match(name) else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Want:
-    digest: str
-    uri: str
-
-
-KEEP = "keep"  # observe only
-
-
-WantValue = Want | None | str  # Want: serve it; None: serve nothing under servedName; KEEP
-
-
-@dataclasses.dataclass
-class PodResult:
-    pod: Pod
-    state: Literal["Pending", "Loading", "Loaded", "Failed", "Unloaded"]
-    digest: str | None
-    message: str | None = None
-    attempts: int = 0
-    fatal: bool = False  # a load error (not an unreachable pod): counts toward failing a rollout
-    refusal: str | None = None  # vLLM refused the adapter itself: fails a rollout at once
-
-    def replica(self) -> ReplicaState:
-        return ReplicaState(
-            pod=self.pod.name,
-            digest=self.digest,
-            state=self.state,
-            message=(self.message or None) and self.message[:512],
-            attempts=self.attempts,
-        )
-
-
 async def converge_pod(
     runtime: Runtime, tracks: dict[str, PodTrack], pod: Pod, served_name: str, want: WantValue
-) -> PodResult:
+) -> PodState:
     """Observe one pod and make it serve ``want`` under ``served_name``."""
     settings = runtime.settings
     target = want.digest if isinstance(want, Want) else None
@@ -433,7 +411,7 @@ async def converge_pod(
     if track is None or track.digest != target:
         track = tracks[pod.uid] = PodTrack(target)
 
-    def failed(error: PodError, current: str | None) -> PodResult:
+    def failed(error: PodError, current: str | None) -> PodState:
         fatal = error.kind not in ("unreachable",)
         track.attempts += 1
         track.next_try = time.monotonic() + settings.backoff(track.attempts)
@@ -446,10 +424,10 @@ async def converge_pod(
             track.attempts,
             error.message,
         )
-        return PodResult(pod, "Failed", target or current, error.message, track.attempts, fatal, error.refusal)
+        return PodState(pod.name, "Failed", target or current, error.message, track.attempts, fatal, error.refusal)
 
     if pod.blocked:
-        return PodResult(pod, "Failed", target, pod.blocked, 0, False)
+        return PodState(pod.name, "Failed", target, pod.blocked, 0, False)
     async with runtime.semaphore:
         try:
             served = await runtime.pods.models(pod)
@@ -458,29 +436,29 @@ async def converge_pod(
             if track.message != exc.message:
                 log.warning("Server not reachable pod=%s ip=%s error=%s", pod.name, pod.ip, exc.message)
                 track.message = exc.message
-            return PodResult(pod, "Failed", target, exc.message, track.attempts, False)
+            return PodState(pod.name, "Failed", target, exc.message, track.attempts, False)
         present = served_name in served
         current = digest_of_root(served.get(served_name)) if present else None
         if want == KEEP:
-            return PodResult(pod, "Loaded" if present else "Unloaded", current)
+            return PodState(pod.name, "Loaded" if present else "Unloaded", current)
         if want is None:
             if not present:
                 tracks.pop(pod.uid, None)
-                return PodResult(pod, "Unloaded", None)
+                return PodState(pod.name, "Unloaded", None)
             try:
                 await runtime.pods.unload(pod, served_name)
             except PodError as exc:
                 return failed(exc, current)
             log.info("Unloaded adapter pod=%s servedName=%s digest=%s", pod.name, served_name, current)
             tracks.pop(pod.uid, None)
-            return PodResult(pod, "Unloaded", None)
+            return PodState(pod.name, "Unloaded", None)
         assert isinstance(want, Want)
         if current == want.digest:
             if track.attempts:
                 tracks[pod.uid] = PodTrack(target)
-            return PodResult(pod, "Loaded", current)
+            return PodState(pod.name, "Loaded", current)
         if time.monotonic() < track.next_try:
-            return PodResult(pod, "Failed", want.digest, track.message, track.attempts, True)
+            return PodState(pod.name, "Failed", want.digest, track.message, track.attempts, True)
         started = time.monotonic()
         try:
             path = await runtime.pods.fetch(pod, want.uri, want.digest)
@@ -497,17 +475,17 @@ async def converge_pod(
             time.monotonic() - started,
         )
         tracks[pod.uid] = PodTrack(target)
-        return PodResult(pod, "Loaded", want.digest)
+        return PodState(pod.name, "Loaded", want.digest)
 
 
 async def converge(
     runtime: Runtime, uid: str, served_name: str, pods: Sequence[Pod], wants: Mapping[str, WantValue]
-) -> dict[str, PodResult]:
+) -> dict[str, PodState]:
     tracks = runtime.tracks.setdefault(uid, {})
     for stale in set(tracks) - {p.uid for p in pods}:
         tracks.pop(stale, None)
     results = await asyncio.gather(*(converge_pod(runtime, tracks, p, served_name, wants[p.name]) for p in pods))
-    return {r.pod.name: r for r in results}
+    return {r.name: r for r in results}
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ may fix, 3 an error a retry cannot fix (bad spec or data, model does not fit), 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,23 +19,49 @@ import shutil
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubelora.api.v1alpha1 import dump
 from kubelora.storage import parse_uri, store_for
 from kubelora.trainer import config as config_mod
-from kubelora.trainer import data, evaluate, fetch, modeling, preflight, publish, train
-from kubelora.trainer.errors import EXIT_SUCCEEDED, InvalidSpecError, TrainerError
+from kubelora.trainer import data, distributed, evaluate, fetch, modeling, preflight, publish, train
+from kubelora.trainer.errors import EXIT_SUCCEEDED, InvalidSpecError, StorageError, TrainerError
 from kubelora.trainer.report import Reporter, kv, setup_logging
 
 log = logging.getLogger("kubelora.trainer")
+
+T = TypeVar("T")
+
+
+def on_node_leader(fetch_: Callable[[], T]) -> T:
+    """Run ``fetch_`` on local rank 0 only, and give its result to the pod's other ranks: the ranks of a pod
+    share its workdir, so one download serves them all (and none writes over another's). Without torchrun it
+    just runs."""
+    if not distributed.initialized():
+        return fetch_()
+    result: Any = None
+    failure: BaseException | None = None
+    if distributed.is_local_main_process():
+        try:
+            result = ("ok", fetch_())
+        except BaseException as e:  # the other ranks must not wait for a result that never comes
+            failure = e
+    gathered = distributed.all_gather_object(result)
+    if failure is not None:
+        raise failure
+    leader = distributed.rank() - distributed.local_rank()  # torchrun numbers a pod's ranks consecutively
+    shared = gathered[leader]
+    if not (isinstance(shared, tuple) and shared and shared[0] == "ok"):
+        raise StorageError("local rank 0 of this pod failed to fetch the inputs (see its error)")
+    return shared[1]  # type: ignore[no-any-return]
 
 
 def _fingerprint(cfg: config_mod.TrainerConfig, config_sha: str, datasets: dict[str, Any]) -> str:
     """What a checkpoint must share with this run to be resumed from."""
     body = {
-        "layout": 1,
+        "layout": 2,  # 2: TRL data path (every assistant turn trained, BFD packing with per-row positions)
         "hyperparameters": cfg.hyperparameters(),
         "baseConfigSha256": config_sha,
         "train": datasets["train"].sha256,
@@ -45,7 +72,7 @@ def _fingerprint(cfg: config_mod.TrainerConfig, config_sha: str, datasets: dict[
 
 
 def _read_dataset(uri: str, role: str, cfg: config_mod.TrainerConfig, fmt: str) -> data.DatasetFile:
-    path = fetch.fetch_dataset(uri, cfg.workdir, role)
+    path = on_node_leader(lambda: fetch.fetch_dataset(uri, cfg.workdir, role))
     name = parse_uri(uri).name or path.name
     return data.read_jsonl(path, fmt, name=name, uri=uri, max_bad_rows=cfg.spec.dataset.max_bad_rows)
 
@@ -56,8 +83,8 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
     reporter.phase("Training", step="fetch")
 
     # fetch (config first) and preflight: fail before any weights move
-    config_dir, config_sha = fetch.fetch_base_config(
-        spec.base_model.uri, cfg.workdir, revision=spec.base_model.revision
+    config_dir, config_sha = on_node_leader(
+        lambda: fetch.fetch_base_config(spec.base_model.uri, cfg.workdir, revision=spec.base_model.revision)
     )
     base_config = modeling.read_config(config_dir)
     threads = modeling.configure_cpu_threads(base_config, rt)
@@ -68,6 +95,10 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
         rt,
         on_estimate=lambda e: reporter.info("estimate", None, mirror=True, **e.to_dict()),
     )
+    # processes and batch: refuse a world size that cannot keep the spec's global batch before weights move
+    cfg.layout = run_layout(cfg, base_config, layers, rt)
+    reporter.training = cfg.layout.to_dict()
+    reporter.info("layout", "Training layout", **reporter.training)
 
     # data: parse every dataset now, so a malformed row fails before the model loads
     fmt = spec.dataset.format
@@ -80,16 +111,40 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
         datasets["regression"] = (
             _read_dataset(spec.eval.regression.dataset, "regression", cfg, fmt) if spec.eval.regression else None
         )
-    base = fetch.fetch_base_model(
-        spec.base_model.uri,
-        cfg.workdir,
-        revision=spec.base_model.revision,
-        trust_remote_code=spec.base_model.trust_remote_code,
+    base = on_node_leader(
+        lambda: fetch.fetch_base_model(
+            spec.base_model.uri,
+            cfg.workdir,
+            revision=spec.base_model.revision,
+            trust_remote_code=spec.base_model.trust_remote_code,
+        )
     )
 
-    # model and tokenizer
+    # tokenizer and data: render and tokenize every row with the model's chat template before the model
+    # loads, so a row the template refuses fails fast with its file:line (non-retryable)
+    reporter.phase("Training", step="data")
+    tok = modeling.load_tokenizer(base.directory, spec.base_model.trust_remote_code)
+    renderer = data.Renderer(tok)
+    train_file = datasets["train"]
+    assert train_file is not None
+    if datasets["validation"] is not None:
+        train_ex, val_ex = train_file.examples, datasets["validation"].examples
+    else:
+        train_ex, val_ex = data.split(train_file.examples, spec.dataset.validation_split, spec.training.seed)
+    max_len = spec.training.max_seq_length
+    train_rows, stats = data.tokenize(train_ex, renderer, max_len)
+    val_rows, _ = data.tokenize(val_ex, renderer, max_len)
+    for role in ("test", "regression"):
+        held_out = datasets.get(role)
+        if held_out is not None:
+            data.tokenize(held_out.examples, renderer, max_len)
+    if not train_rows:
+        raise InvalidSpecError("no training rows left after tokenization")
+    log.info(kv("Rendered rows", train=len(train_rows), validation=len(val_rows), template=renderer.template_source))
+
+    # model
     reporter.phase("Training", step="model")
-    model, tok = modeling.load_for_training(base.directory, spec, rt)
+    model, tok = modeling.load_for_training(base.directory, spec, rt, tok, strategy=cfg.layout.strategy)
     trainable = modeling.trainable_parameters(model)
     reporter.info(
         "model",
@@ -100,28 +155,16 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
         trainableParameters=trainable,
         quantizedLayers=modeling.quantized_layers(model),
         cpuThreads=threads,
+        attention=getattr(model.config, "_attn_implementation", None),
+        **train.speed_options(rt, spec.training.packing),
     )
     if trainable != est.trainable_parameters:
         log.warning(
             kv("Estimated trainable parameters differ from peft's", estimate=est.trainable_parameters, peft=trainable)
         )
-    renderer = data.Renderer(tok)
-
-    # data: split and tokenize
-    train_file = datasets["train"]
-    assert train_file is not None
-    if datasets["validation"] is not None:
-        train_ex, val_ex = train_file.examples, datasets["validation"].examples
-    else:
-        train_ex, val_ex = data.split(train_file.examples, spec.dataset.validation_split, spec.training.seed)
-    max_len = spec.training.max_seq_length
-    train_rows, stats = data.tokenize(train_ex, renderer, max_len)
-    val_rows, _ = data.tokenize(val_ex, renderer, max_len)
-    if not train_rows:
-        raise InvalidSpecError("no training rows left after tokenization")
-    if spec.training.packing:
-        train_rows = data.pack(train_rows, max_len)
-    est = preflight.estimate(cfg, base_config, layers, rt, train_tokens=stats["tokens"], train_examples=len(train_rows))
+    # packed rows (TRL packs best-fit-decreasing into maxSeqLength rows, nearly without waste)
+    n_rows = -(-stats["tokens"] // max_len) if spec.training.packing else len(train_rows)
+    est = preflight.estimate(cfg, base_config, layers, rt, train_tokens=stats["tokens"], train_examples=n_rows)
     reporter.info("estimate", "Estimate", mirror=True, **est.to_dict())
     reporter.info(
         "data",
@@ -130,12 +173,18 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
         validationRows=len(val_rows),
         trainTokens=stats["tokens"],
         truncated=stats["truncated"],
+        trainedTokens=stats["completionTokens"],
+        packing=spec.training.packing,
     )
 
     # train
     reporter.phase("Training", step="train")
     fingerprint = _fingerprint(cfg, config_sha, datasets)
     outcome = train.run(cfg, model, tok, train_rows, val_rows, rt, reporter, fingerprint)
+    if not distributed.is_main_process():
+        # Evaluation, publishing and the result are rank 0's; this rank's part is done.
+        log.info(kv("Training done on this rank", rank=distributed.rank(), step=outcome.global_step))
+        return EXIT_SUCCEEDED
 
     # evaluate
     evaluation = None
@@ -155,13 +204,19 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
     reporter.phase("Publishing")
     merged_dir = None
     if spec.output.merged_model:
-        merged_dir = publish_merged(cfg, base.directory, outcome.adapter_dir, tok, rt)
+        merged_dir = publish_merged(cfg, base.directory, outcome.adapter_dir, tok, rt, datasets)
     identity = publish.base_model_identity(spec.base_model.uri)
     eval_doc = None
     if evaluation is not None:
         eval_doc = {"eval": dump(evaluation.results), **evaluation.details}
     files = publish.stage(
-        cfg.workdir, outcome.adapter_dir, identity, eval_doc, evaluation.samples if evaluation else None, merged_dir
+        cfg.workdir,
+        outcome.adapter_dir,
+        identity,
+        eval_doc,
+        evaluation.samples if evaluation else None,
+        merged_dir,
+        chat_template=tok.chat_template,
     )
     body = publish.manifest_body(
         cfg=cfg,
@@ -200,6 +255,7 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
             "evalLoss": outcome.eval_loss,
             "seconds": round(outcome.seconds, 3),
             "tokensPerSecond": outcome.tokens_per_second,
+            **cfg.run_layout.to_dict(),
         },
     )
     if evaluation is not None and not evaluation.results.passed:
@@ -207,18 +263,41 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
     return EXIT_SUCCEEDED
 
 
-def publish_merged(cfg: config_mod.TrainerConfig, model_dir: Path, adapter_dir: Path, tok: Any, rt: Any) -> Path:
-    """The base with the adapter merged in, in serving precision (bf16 on GPU or for QLoRA)."""
-    import torch
-    from peft import PeftModel
+def run_layout(
+    cfg: config_mod.TrainerConfig, base_config: dict[str, Any], layers: list[Any], rt: modeling.Runtime
+) -> config_mod.Layout:
+    """The layout of this run from torchrun's environment (one process without it): the strategy is the
+    estimate's for the processes actually running (FSDP when the model does not fit one GPU, else DDP)."""
+    world, nodes, per_node = distributed.world_size(), distributed.node_count(), distributed.local_world_size()
+    strategy = None
+    if world > 1:
+        resources = cfg.spec.resources.model_copy(update={"gpus": per_node, "nodes": nodes})
+        actual = dataclasses.replace(cfg, spec=cfg.spec.model_copy(update={"resources": resources}))
+        strategy = preflight.estimate(actual, base_config, layers, rt).strategy
+        strategy = "DDP" if strategy == "Single" else strategy
+    return config_mod.layout(cfg.spec, nodes=nodes, processes_per_node=per_node, strategy=strategy)
 
-    dtype = torch.bfloat16 if (rt.device == "cuda" or rt.quantized) else rt.dtype
-    base = modeling.load_base(model_dir, cfg.spec, rt, quantized=False, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+def publish_merged(
+    cfg: config_mod.TrainerConfig,
+    model_dir: Path,
+    adapter_dir: Path,
+    tok: Any,
+    rt: Any,
+    datasets: dict[str, Any] | None = None,
+) -> Path:
+    """The base with the adapter merged in, in serving precision (bf16 on GPU or for QLoRA), merged on the CPU
+    and checked against the adapter on test rows (else validation or training rows): see :mod:`merge`."""
+    from kubelora.trainer import merge
+
+    examples: list[Any] = []
+    for role in ("test", "validation", "train"):
+        found = (datasets or {}).get(role)
+        if found is not None and found.examples:
+            examples = list(found.examples)
+            break
     out = cfg.workdir / "merged"
-    shutil.rmtree(out, ignore_errors=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    merge.merge_checked(model_dir, adapter_dir, cfg.spec, rt, out, tok, examples)
     return out
 
 
@@ -242,19 +321,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    main_process = distributed.is_main_process()
+    # Under torchrun only rank 0 logs progress; the other ranks log warnings and errors.
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO if main_process else logging.WARNING)
     modeling.quiet_libraries()
+    distributed.write_pid_file()
     tmp = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="kubelora-")) if tmp else args.workdir
+    if tmp and distributed.local_world_size() > 1:
+        # the ranks of a pod share its workdir: one both agree on, removed by local rank 0
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "run")
+        workdir = Path(tempfile.gettempdir()) / f"kubelora-{run_id}-{distributed.node_rank()}"
+        tmp = distributed.is_local_main_process()
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="kubelora-")) if tmp else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(args.report_file)
+    # The ranks share the report file and the output: only rank 0 writes them.
+    reporter = Reporter(args.report_file, enabled=main_process)
     try:
+        distributed.init_process_group()
         cfg = config_mod.load(args.spec, workdir=workdir, report_file=args.report_file)
         out = parse_uri(cfg.output_uri)
         if out.scheme == "hf":
             raise InvalidSpecError("spec.output.uri: hf:// is read-only; use s3://, pvc:// or file://")
-        reporter.mirror = (store_for(out, "OUTPUT"), out)
-        reporter.forget_previous_result()  # a retry must not show the last attempt's outcome meanwhile
+        if main_process:
+            reporter.mirror = (store_for(out, "OUTPUT"), out)
+            reporter.forget_previous_result()  # a retry must not show the last attempt's outcome meanwhile
         log.info(
             kv(
                 "Starting",
@@ -264,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 output=cfg.output_uri,
                 workdir=str(workdir),
                 pid=os.getpid(),
+                worldSize=distributed.world_size(),
             )
         )
         return pipeline(cfg, reporter, args.gates_failed_exit_code)
@@ -280,5 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         reporter.close()
+        try:
+            distributed.shutdown()
+        except Exception as e:  # a peer that died already: nothing left to tear down cleanly
+            log.warning(kv("Cannot leave the process group", error=str(e)))
         if tmp:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -30,6 +30,15 @@ class TrainerConfig:
     max_rank: int
     workdir: Path
     report_file: Path | None = None
+    #: Set by the CLI once the world size and strategy are known; None: one process.
+    layout: Layout | None = None
+
+    @property
+    def run_layout(self) -> Layout:
+        """The layout, or one process with the spec's batch and accumulation."""
+        if self.layout is not None:
+            return self.layout
+        return Layout("Single", 1, 1, self.spec.training.batch_size, self.spec.training.gradient_accumulation)
 
     @property
     def output_uri(self) -> str:
@@ -58,6 +67,73 @@ class TrainerConfig:
             "warmupRatio": tr.warmup_ratio,
             "seed": tr.seed,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a run is spread over processes, and its batch: ``world_size`` processes (``nodes`` pods of
+    ``processes_per_node``) each see ``per_device_batch`` rows per micro-batch and accumulate
+    ``gradient_accumulation`` micro-batches per optimizer step, so every step sees ``global_batch_size`` rows."""
+
+    strategy: str
+    nodes: int
+    processes_per_node: int
+    per_device_batch: int
+    gradient_accumulation: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.per_device_batch * self.gradient_accumulation
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``training`` block of progress and result events and of the manifest (status.training)."""
+        return {
+            "strategy": self.strategy,
+            "nodes": self.nodes,
+            "processesPerNode": self.processes_per_node,
+            "worldSize": self.world_size,
+            "globalBatchSize": self.global_batch_size,
+        }
+
+
+def spec_global_batch(spec: LoRAJobSpec) -> int:
+    """The spec's global batch: ``batchSize`` rows per micro-batch times ``gradientAccumulation`` micro-batches
+    per optimizer step, counted over every process. It does not depend on how many processes run."""
+    return spec.training.batch_size * spec.training.gradient_accumulation
+
+
+def layout(spec: LoRAJobSpec, *, nodes: int, processes_per_node: int, strategy: str | None = None) -> Layout:
+    """The run's layout for this world size: each process keeps ``batchSize`` and accumulates
+    ``gradientAccumulation / worldSize`` micro-batches, so the global batch is the spec's at any world size (a
+    resumed run on another world size keeps it). Refused when the world size does not divide
+    ``gradientAccumulation``."""
+    nodes, per_node = max(1, nodes), max(1, processes_per_node)
+    world = nodes * per_node
+    tr = spec.training
+    if tr.gradient_accumulation % world:
+        global_batch = spec_global_batch(spec)
+        raise InvalidSpecError(
+            f"spec.training.gradientAccumulation ({tr.gradient_accumulation}) must be a multiple of the world size "
+            f"({world} processes: spec.resources.nodes {nodes} x {per_node} per node) to keep the global batch of "
+            f"{global_batch} (spec.training.batchSize {tr.batch_size} x gradientAccumulation "
+            f"{tr.gradient_accumulation}) with batchSize {tr.batch_size} per process; set gradientAccumulation to a "
+            f"multiple of {world}"
+        )
+    if strategy is None:
+        strategy = "Single" if world == 1 else "DDP"
+    elif world == 1:
+        strategy = "Single"
+    return Layout(
+        strategy=strategy,
+        nodes=nodes,
+        processes_per_node=per_node,
+        per_device_batch=tr.batch_size,
+        gradient_accumulation=tr.gradient_accumulation // world,
+    )
 
 
 def read_document(path: Path) -> dict[str, Any]:

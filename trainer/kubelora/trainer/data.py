@@ -2,13 +2,21 @@
 
 Formats (``spec.dataset.format``), one JSON object a line:
 
-* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``; the last
-  message must be the assistant's and is the completion; everything before it is the prompt.
+* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``; the last
+  message must be the assistant's. Training computes the loss on **every** assistant turn (TRL's
+  ``assistant_masks``); evaluation uses the last assistant message as the expected completion.
 * ``instruction``: ``{"prompt": str, "completion": str}`` (optional ``"system": str``), rendered as a
-  user and an assistant message.
+  user and an assistant message; loss on the completion only (TRL's ``completion_mask`` with
+  ``completion_only_loss``).
 * ``completion``: ``{"text": str}``: raw text, no template, loss on every token.
 
-Loss is computed on completion tokens only (prompt labels are -100).
+Each row is rendered once with the model's chat template and tokenized **as one string** (prompt and
+completion together, as TRL does), so SentencePiece merges at the prompt/completion boundary come
+out as the model will see them. The trained spans are found on the rendered text and mapped to
+tokens through the tokenizer's offsets (see :meth:`Renderer.encode`). Rendering runs right after the
+tokenizer is fetched and before the model loads, so a template that refuses a row (Gemma and a
+``system`` message, Mistral's strict alternation, an unknown ``tool`` role) fails fast as a
+non-retryable ``MalformedDataset`` error naming ``file:line``.
 """
 
 from __future__ import annotations
@@ -163,7 +171,7 @@ def split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list
 
 
 class Renderer:
-    """Turns examples into prompt and completion text with the tokenizer's chat template."""
+    """Renders examples with the tokenizer's chat template and finds the spans the loss is computed on."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -172,107 +180,238 @@ class Renderer:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
             self.template_source = "fallback"
             log.warning(kv("Tokenizer has no chat template, using the fallback template"))
-        self._warned = False
+        self._warned: set[str] = set()
 
-    def prompt(self, messages: list[dict[str, str]]) -> str:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _warn_once(self, key: str, message: str, **fields: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(kv(message, **fields))
+
+    def _apply(self, messages: list[dict[str, str]], *, generation_prompt: bool, source: str = "") -> str:
+        try:
+            out = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2's TemplateError (raise_exception), or a TypeError/KeyError inside the template
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            where = f"{source}: " if source else ""
+            raise MalformedDatasetError(f"{where}the chat template cannot render this row: {msg}") from e
         return str(out)
 
+    def prompt(self, messages: list[dict[str, str]], source: str = "") -> str:
+        return self._apply(messages, generation_prompt=True, source=source)
+
+    def conversation(self, ex: Example) -> list[dict[str, str]]:
+        assert ex.messages is not None and ex.completion is not None
+        return [*ex.messages, {"role": "assistant", "content": ex.completion}]
+
     def split_text(self, ex: Example) -> tuple[str, str]:
-        """(prompt text, completion text) as the model sees them in training."""
+        """(prompt text, completion text) of the last turn as the model sees them in training."""
         if ex.text is not None:
             return "", ex.text
-        assert ex.messages is not None and ex.completion is not None
-        prompt = self.prompt(ex.messages)
-        full = str(
-            self.tokenizer.apply_chat_template(
-                [*ex.messages, {"role": "assistant", "content": ex.completion}], tokenize=False
-            )
-        )
-        if full.startswith(prompt):
-            return prompt, full[len(prompt) :]
-        n = 0
-        while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
-            n += 1
-        if not self._warned:
-            self._warned = True
-            log.warning(kv("Chat template renders the prompt differently alone; splitting at the common prefix"))
-        return full[:n], full[n:]
+        text, spans = self.render(ex)
+        start = spans[-1][0] if spans else len(text)
+        return text[:start], text[start:]
+
+    def render(self, ex: Example, *, all_turns: bool = True) -> tuple[str, list[tuple[int, int]]]:
+        """The whole row as text and the character spans that are trained on.
+
+        Chat templates carry no ``{% generation %}`` markers (TRL's ``assistant_only_loss`` relies on
+        them), so the assistant spans are found by rendering prefixes of the conversation: for the
+        assistant message ``i``, ``render(messages[:i], add_generation_prompt=True)`` ends where its
+        content starts and ``render(messages[:i+1])`` ends after its end-of-turn marker. Both must be
+        prefixes of the whole rendering, which holds for templates that render a turn independently of
+        what follows. Templates that don't (Qwen3 drops the reasoning of earlier turns, some templates
+        put a system prompt only on the last turn) fall back to locating the message content in the
+        whole rendering, after the previous span, plus the end-of-turn text that follows it when it is
+        rendered last. ``all_turns=False`` keeps only the last assistant turn (instruction format).
+        """
+        if ex.text is not None:
+            return ex.text, [(0, len(ex.text))]
+        conv = self.conversation(ex)
+        full = self._apply(conv, generation_prompt=False, source=ex.source)
+        turns = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+        if not all_turns:
+            turns = turns[-1:]
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for i in turns:
+            content = conv[i]["content"]
+            before = self._apply(conv[:i], generation_prompt=True, source=ex.source) if i else ""
+            upto = self._apply(conv[: i + 1], generation_prompt=False, source=ex.source)
+            if full.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
+                span = (len(before), len(upto))
+            else:
+                self._warn_once(
+                    "prefix", "Chat template renders a turn differently alone; locating assistant turns by content"
+                )
+                pos = full.find(content, cursor) if content else -1
+                if pos < 0:
+                    raise MalformedDatasetError(
+                        f"{ex.source}: the chat template does not render assistant message {i} verbatim"
+                    )
+                end = pos + len(content)
+                k = upto.rfind(content) if content else -1
+                suffix = upto[k + len(content) :] if k >= 0 else ""
+                if suffix and full.startswith(suffix, end):
+                    end += len(suffix)
+                span = (pos, end)
+            if span[1] > span[0]:
+                spans.append(span)
+            cursor = max(cursor, span[1])
+        return full, spans
+
+    def encode(self, ex: Example, *, all_turns: bool = True) -> tuple[list[int], list[int]]:
+        """(token ids, loss mask): the row tokenized as one string, 1 where the token is trained on."""
+        tok = self.tokenizer
+        text, spans = self.render(ex, all_turns=all_turns)
+        plain = ex.text is not None
+        # A chat template writes its own BOS; raw text gets the tokenizer's special tokens and an EOS.
+        if getattr(tok, "is_fast", False):
+            enc = tok(text, add_special_tokens=plain, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            offsets = list(enc["offset_mapping"])
+            mask = [0] * len(ids)
+            for j, (s, e) in enumerate(offsets):
+                if e <= s:  # special tokens added by the tokenizer (BOS) have empty offsets
+                    mask[j] = 1 if plain and j > 0 else 0
+                    continue
+                if any(s < b and e > a for a, b in spans):
+                    mask[j] = 1
+        else:
+            # Slow tokenizers have no offsets: the boundary is the token count of the text before it.
+            self._warn_once("slow", "Tokenizer has no offsets; masking by prefix token counts")
+            ids = list(tok(text, add_special_tokens=plain)["input_ids"])
+            mask = [0] * len(ids)
+            for a, b in spans:
+                lo = len(tok(text[:a], add_special_tokens=plain)["input_ids"]) if a else 0
+                hi = len(tok(text[:b], add_special_tokens=plain)["input_ids"])
+                for j in range(lo, min(hi, len(ids))):
+                    mask[j] = 1
+        if plain and tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+            ids.append(tok.eos_token_id)
+            mask.append(1)
+        return ids, mask
 
 
 @dataclasses.dataclass
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    mask: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.mask:
+            self.mask = [0 if t == IGNORE_INDEX else 1 for t in self.labels]
 
 
-def tokenize(examples: Sequence[Example], renderer: Renderer, max_len: int) -> tuple[list[Tokenized], dict[str, int]]:
-    """Token ids with prompt labels masked; prompts are cut from the left when a row is too long."""
-    tok = renderer.tokenizer
+def _truncate(ids: list[int], mask: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Keep the last trained turn: the prompt is cut from the left (down to half of ``max_len`` if the
+    completion needs the room), the completion from the right."""
+    trained = [j for j, m in enumerate(mask) if m]
+    start = trained[-1] if trained else len(mask)
+    while start > 0 and mask[start - 1] == 1:
+        start -= 1
+    p_ids, c_ids = ids[:start], ids[start:]
+    p_mask, c_mask = mask[:start], mask[start:]
+    room = max_len - min(len(p_ids), max_len // 2)
+    if len(c_ids) > room:
+        c_ids, c_mask = c_ids[:room], c_mask[:room]
+    keep = max_len - len(c_ids)
+    if keep > 0:
+        p_ids, p_mask = p_ids[-keep:], p_mask[-keep:]
+    else:
+        p_ids, p_mask = [], []
+    return p_ids + c_ids, p_mask + c_mask
+
+
+def tokenize(
+    examples: Sequence[Example], renderer: Renderer, max_len: int, *, all_turns: bool = True
+) -> tuple[list[Tokenized], dict[str, int]]:
+    """Token ids and labels (-100 where the loss is not computed) of every row, at most ``max_len`` long.
+
+    A chat row is trained on every assistant turn (``all_turns``); an instruction row on its completion.
+    A row longer than ``max_len`` keeps its last turn: the prompt is cut from the left.
+    """
     out: list[Tokenized] = []
-    stats = {"rows": 0, "truncated": 0, "tokens": 0, "completionTokens": 0}
+    stats = {"rows": 0, "truncated": 0, "tokens": 0, "completionTokens": 0, "dropped": 0}
     for ex in examples:
-        prompt, completion = renderer.split_text(ex)
-        if ex.text is not None:
-            p_ids: list[int] = []
-            c_ids = list(tok(completion, add_special_tokens=True)["input_ids"])
-            if tok.eos_token_id is not None and (not c_ids or c_ids[-1] != tok.eos_token_id):
-                c_ids.append(tok.eos_token_id)
-        else:
-            p_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
-            c_ids = list(tok(completion, add_special_tokens=False)["input_ids"])
-        if len(p_ids) + len(c_ids) > max_len:
+        ids, mask = renderer.encode(ex, all_turns=all_turns)
+        if len(ids) > max_len:
             stats["truncated"] += 1
-            if len(c_ids) > max_len - min(len(p_ids), max_len // 2):
-                c_ids = c_ids[: max_len - min(len(p_ids), max_len // 2)]
-            keep = max_len - len(c_ids)
-            p_ids = p_ids[-keep:] if keep > 0 else []
-        if not c_ids:
+            ids, mask = _truncate(ids, mask, max_len)
+        if not any(mask):
+            stats["dropped"] += 1
             continue
-        out.append(Tokenized(p_ids + c_ids, [IGNORE_INDEX] * len(p_ids) + c_ids))
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        out.append(Tokenized(ids, labels, mask))
         stats["rows"] += 1
-        stats["tokens"] += len(p_ids) + len(c_ids)
-        stats["completionTokens"] += len(c_ids)
+        stats["tokens"] += len(ids)
+        stats["completionTokens"] += sum(mask)
     if stats["truncated"]:
         log.warning(kv("Truncated rows longer than maxSeqLength", count=stats["truncated"], maxSeqLength=max_len))
     return out, stats
 
 
-def pack(rows: Sequence[Tokenized], max_len: int) -> list[Tokenized]:
-    """Greedy packing of whole rows into sequences of at most ``max_len`` tokens.
+def mask_column(fmt: str) -> str | None:
+    """The TRL dataset column that carries the loss mask of a format."""
+    return {"chat": "assistant_masks", "instruction": "completion_mask"}.get(fmt)
 
-    Attention is not masked between packed rows (as in classic packing); labels keep prompts masked.
+
+def to_dataset(rows: Sequence[Tokenized], fmt: str) -> Any:
+    """A ``datasets.Dataset`` that ``SFTTrainer`` takes as already processed (it has ``input_ids``).
+
+    TRL builds the labels from the mask column: ``assistant_masks`` always applies,
+    ``completion_mask`` with ``completion_only_loss=True``. The ``completion`` format has no mask: every
+    token is trained on.
     """
-    packed: list[Tokenized] = []
-    cur_ids: list[int] = []
-    cur_labels: list[int] = []
-    for r in rows:
-        if cur_ids and len(cur_ids) + len(r.input_ids) > max_len:
-            packed.append(Tokenized(cur_ids, cur_labels))
-            cur_ids, cur_labels = [], []
-        cur_ids = cur_ids + r.input_ids
-        cur_labels = cur_labels + r.labels
-    if cur_ids:
-        packed.append(Tokenized(cur_ids, cur_labels))
-    return packed
+    from datasets import Dataset
+
+    body: dict[str, list[list[int]]] = {"input_ids": [r.input_ids for r in rows]}
+    col = mask_column(fmt)
+    if col is not None:
+        body[col] = [r.mask for r in rows]
+    return Dataset.from_dict(body)
 
 
-class TokenDataset:
-    """A map-style dataset of token rows (what ``Trainer`` needs: ``__len__`` and ``__getitem__``)."""
+class PackedRowsCollator:
+    """Packed rows as a ``[batch, longest]`` batch; the documents in a row are told apart by ``position_ids``.
 
-    def __init__(self, rows: Sequence[Tokenized]) -> None:
-        self.rows = list(rows)
+    TRL's padding-free collator flattens the whole batch into one sequence. That is what varlen
+    kernels (flash attention) want, but sdpa and eager build a dense mask over the flat sequence:
+    ``(batch x maxSeqLength)^2`` entries, 64x the work and memory of the rows alone at batch 8. Here
+    each packed row stays a row, with no attention mask: transformers sees the position resets and
+    builds a block-diagonal causal mask per row (``find_packed_sequence_indices``), so rows never
+    attend to each other and the cost stays ``batch x maxSeqLength^2``. The right padding gets
+    positions of its own (a separate block) and ``-100`` labels. The first token of every document
+    is not a target (``-100``), as in TRL's collator, so no document is predicted from the one before.
+    """
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        r = self.rows[i]
-        return {"input_ids": r.input_ids, "labels": r.labels}
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b.get("labels", b["input_ids"]))
+            lengths = list(b.get("seq_lengths") or [k])
+            pos[i, :k] = torch.cat([torch.arange(x) for x in lengths])
+            pos[i, k:] = torch.arange(n - k)
+        labels[pos == 0] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+#: Attention implementations with varlen kernels, which take TRL's flat padding-free batches.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2")
 
 
 class Collator:
-    """Right-pads a batch; padded label positions are ignored by the loss."""
+    """Right-pads a batch; padded label positions are ignored by the loss (used by evaluation)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id

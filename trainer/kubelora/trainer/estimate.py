@@ -199,6 +199,12 @@ def total_params(config: dict[str, Any], layers: Sequence[LinearShape]) -> tuple
     return linear + embeddings + norms, linear
 
 
+#: How a run uses several processes: one process, DDP (every GPU holds the whole model) or FSDP (sharded).
+STRATEGIES = ("Single", "DDP", "FSDP")
+#: FSDP gathers one decoder layer at a time, and prefetches the next: this many layers are whole at once.
+FSDP_GATHERED_LAYERS = 2
+
+
 @dataclasses.dataclass
 class Estimate:
     model_type: str
@@ -213,10 +219,30 @@ class Estimate:
     gpu_type: str | None
     gpu_memory_bytes: int | None
     assumptions: dict[str, Any]
+    #: Single, DDP or FSDP: what the run uses, and what memory_bytes (per GPU) is for.
+    strategy: str = "Single"
+    world_size: int = 1
+    nodes: int = 1
+    #: Sequences per optimizer step over every process.
+    global_batch_size: int = 0
+    #: Per GPU with the whole model on every GPU (Single, DDP), for comparison with FSDP.
+    replicated_bytes: int = 0
 
     @property
     def total_memory_bytes(self) -> int:
+        """Memory per GPU under the chosen strategy."""
         return self.memory_bytes["total"]
+
+    def refusal(self) -> str | None:
+        """Why the run cannot fit its GPUs, or None (fits, or the GPU's memory is unknown)."""
+        if self.fits() is not False or self.gpu_memory_bytes is None:
+            return None
+        need, have = self.total_memory_bytes / GIB, self.gpu_memory_bytes / GIB
+        where = f"{self.world_size} x {self.gpu_type or 'GPU'}" if self.world_size > 1 else (self.gpu_type or "the GPU")
+        message = f"Estimated {need:.1f} GiB per GPU with {self.strategy} does not fit the {have:.1f} GiB of {where}"
+        if self.strategy != "FSDP" or self.world_size == 1:
+            message += "; more GPUs (spec.resources.gpus, spec.resources.nodes) let FSDP shard the model"
+        return message
 
     def fits(self) -> bool | None:
         return None if self.gpu_memory_bytes is None else self.total_memory_bytes <= self.gpu_memory_bytes
@@ -239,6 +265,11 @@ class Estimate:
             "gpuType": self.gpu_type,
             "gpuMemoryBytes": self.gpu_memory_bytes,
             "fits": self.fits(),
+            "strategy": self.strategy,
+            "worldSize": self.world_size,
+            "nodes": self.nodes,
+            "globalBatchSize": self.global_batch_size,
+            "replicatedBytesPerGpu": self.replicated_bytes,
             "assumptions": self.assumptions,
         }
 
@@ -283,11 +314,16 @@ def estimate(
     gpu_memory: int | None = None,
     precision: str | None = None,
     layers: Sequence[LinearShape] | None = None,
+    nodes: int = 1,
+    strategy: str | None = None,
 ) -> Estimate:
     """Estimate a run. ``train_tokens``/``train_examples``: one pass over the training set, if known.
 
     ``precision`` of the frozen weights defaults to bf16 (nf4 for qlora); ``layers`` overrides the
-    shape table (for architectures it does not know).
+    shape table (for architectures it does not know). ``gpus`` per node (pod) and ``nodes`` make the world
+    size, one process per GPU. ``strategy`` (Single, DDP, FSDP) is chosen when not given: DDP when the whole
+    model and its training state fit one GPU (or the GPU is unknown), FSDP otherwise, QLoRA included (its
+    4-bit weights stored in a sharded dtype). Memory is per GPU under that strategy.
     """
     all_layers = list(layers) if layers is not None else linear_layers(config)
     chosen = resolve_targets(all_layers, target_modules)
@@ -317,11 +353,33 @@ def estimate(
         "logits": int(logits),
     }
     memory["total"] = sum(memory.values())
+    replicated = memory["total"]
+    world = max(1, gpus) * max(1, nodes)
+    gpu_bytes = gpu_memory if gpu_memory is not None else gpu_memory_bytes(gpu_type)
+    if strategy is None:
+        if world == 1:
+            strategy = "Single"
+        elif gpu_bytes is None or replicated <= gpu_bytes:
+            strategy = "DDP"
+        else:
+            strategy = "FSDP"
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
+    if strategy == "FSDP":
+        # FULL_SHARD: weights, adapter, its gradients and optimizer state are split over the world; a layer (and
+        # the prefetched next one) is gathered whole for its forward and backward; activations stay per GPU.
+        sharded = {k: -(-memory[k] // world) for k in ("weights", "loraParameters", "gradients", "optimizerState")}
+        gathered = int(min(n, FSDP_GATHERED_LAYERS) * memory["weights"] / max(1, n) * (world - 1) / world)
+        memory = {**memory, **sharded, "fsdpGatheredLayers": gathered}
+        memory.pop("total")
+        memory["total"] = sum(memory.values())
 
     tokens = None
     if max_steps is not None:
         per_example = seq_len if not (train_tokens and train_examples) else train_tokens / train_examples
-        tokens = int(max_steps * batch_size * gradient_accumulation * max(1, gpus) * per_example)
+        # The global batch is the spec's batchSize x gradientAccumulation at any world size: each process
+        # keeps batchSize and accumulates gradientAccumulation / world (see kubelora.trainer.distributed).
+        tokens = int(max_steps * batch_size * gradient_accumulation * per_example)
     elif train_tokens is not None:
         tokens = int(train_tokens * (epochs or 1.0))
     gpu_hours = None
@@ -342,7 +400,12 @@ def estimate(
         tokens=tokens,
         gpu_hours=gpu_hours,
         gpu_type=gpu_type,
-        gpu_memory_bytes=gpu_memory if gpu_memory is not None else gpu_memory_bytes(gpu_type),
+        gpu_memory_bytes=gpu_bytes,
+        strategy=strategy,
+        world_size=world,
+        nodes=max(1, nodes),
+        global_batch_size=batch_size * gradient_accumulation,
+        replicated_bytes=replicated,
         assumptions={
             "perDeviceBatch": batch_size,
             "sequenceLength": seq_len,
@@ -381,6 +444,7 @@ def estimate_for_spec(
         train_tokens=train_tokens,
         train_examples=train_examples,
         gpus=spec.resources.gpus,
+        nodes=spec.resources.nodes,
         gpu_type=spec.resources.gpu_type,
         gpu_memory=gpu_memory,
         precision=precision,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from kubelora.api.v1alpha1 import LoRAJobSpec
 from kubelora.trainer.errors import BaseModelNotFoundError, QuantizationUnavailableError, UnsafeWeightsError
 from kubelora.trainer.estimate import LinearShape, linear_layers_from_model
 from kubelora.trainer.fetch import UNSAFE_WEIGHT_SUFFIXES
+from kubelora.trainer.report import kv
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,9 @@ def choose_runtime(method: str) -> Runtime:
 
     quantized = method == "qlora"
     if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
+        # bf16 only where the GPU computes it natively (Ampere, compute capability 8.0, and later);
+        # ``is_bf16_supported()`` also says yes for emulated bf16 on older GPUs, which is slow.
+        bf16 = torch.cuda.get_device_capability()[0] >= 8
         dtype = torch.bfloat16 if bf16 else torch.float16
         return Runtime("cuda", dtype, quantized, bf16=bf16, fp16=not bf16)
     # CPU: full precision for LoRA/DoRA; QLoRA keeps the bf16 compute dtype of its 4-bit layers.
@@ -92,6 +96,18 @@ def configure_cpu_threads(base_config: dict[str, Any], rt: Runtime) -> int | Non
         return None
     torch.set_num_threads(n)
     return n
+
+
+def attn_implementation(rt: Runtime) -> str:
+    """sdpa by default; flash-attention 2 on a GPU with ``flash_attn`` installed (fp16/bf16 only), else
+    the Hub kernel through ``kernels`` when that is installed. Packed, padding-free batches are
+    masked per row by all three (varlen kernels take the row boundaries from ``position_ids``)."""
+    if rt.device == "cuda" and rt.dtype is not None and str(rt.dtype) != "torch.float32":
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        if importlib.util.find_spec("kernels") is not None:
+            return "kernels-community/flash-attn2"
+    return "sdpa"
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -166,12 +182,42 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool) -> Any:
     return tok
 
 
-def load_base(
-    model_dir: Path, spec: LoRAJobSpec, rt: Runtime, *, quantized: bool | None = None, dtype: Any = None
-) -> Any:
-    """The frozen base: in ``dtype`` (default the runtime's), or 4-bit NF4 (double quant) for QLoRA."""
+def device_for_process(rt: Runtime) -> str:
+    """This process's device: its own GPU (``cuda:<LOCAL_RANK>``) under torchrun, or the CPU."""
+    from kubelora.trainer.distributed import local_rank
+
+    return f"cuda:{local_rank()}" if rt.device == "cuda" else "cpu"
+
+
+def quantization_config(rt: Runtime, strategy: str = "Single") -> Any:
+    """NF4 with double quantization, computing in the runtime's dtype. Under FSDP the 4-bit weights are stored
+    in the compute dtype (``bnb_4bit_quant_storage``), so FSDP can shard them with the other weights (as peft's
+    and bitsandbytes' FSDP-QLoRA guides do); otherwise in uint8."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    compute = rt.dtype if rt.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if strategy == "FSDP" else torch.uint8,
+    )
+
+
+def load_base(
+    model_dir: Path,
+    spec: LoRAJobSpec,
+    rt: Runtime,
+    *,
+    quantized: bool | None = None,
+    dtype: Any = None,
+    strategy: str = "Single",
+) -> Any:
+    """The frozen base: in ``dtype`` (default the runtime's), or 4-bit NF4 (double quant) for QLoRA; on this
+    process's GPU (its local rank) or the CPU. Under FSDP a quantized base is not placed: FSDP moves its shards."""
+    from transformers import AutoModelForCausalLM
 
     check_model_dir(model_dir)
     quantized = rt.quantized if quantized is None else quantized
@@ -180,22 +226,30 @@ def load_base(
         "trust_remote_code": spec.base_model.trust_remote_code,
         "use_safetensors": True,
         "dtype": dtype,
+        "attn_implementation": attn_implementation(rt),
     }
+    device = device_for_process(rt)
     if quantized:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
-        kwargs["device_map"] = {"": 0} if rt.device == "cuda" else {"": "cpu"}
-    try:
-        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as e:
-        raise BaseModelNotFoundError(f"cannot load the base model: {e}") from e
-    if not quantized:
-        model.to(rt.device)
+        kwargs["quantization_config"] = quantization_config(rt, strategy)
+        if strategy == "FSDP":
+            kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_quant_storage
+        else:
+            kwargs["device_map"] = {"": local_device_index(device)}
+    model: Any = None
+    if kwargs["attn_implementation"] != "sdpa":
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        except (OSError, ValueError, ImportError) as e:
+            # e.g. a Hub kernel that cannot be fetched offline, or a flash-attn build for another torch
+            log.warning(kv("Fast attention unavailable, using sdpa", attention=kwargs["attn_implementation"], error=e))
+            kwargs["attn_implementation"] = "sdpa"
+    if model is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        except (OSError, ValueError) as e:
+            raise BaseModelNotFoundError(f"cannot load the base model: {e}") from e
+    if not quantized and strategy != "FSDP":
+        model.to(device)
     model.config.use_cache = False
     return model
 
@@ -226,10 +280,32 @@ def attach_adapter(model: Any, spec: LoRAJobSpec, rt: Runtime) -> Any:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+        cast_frozen_to_compute_dtype(model, rt.dtype)
     elif gc:
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(spec))
     return peft_model
+
+
+def cast_frozen_to_compute_dtype(model: Any, dtype: Any) -> int:
+    """Cast what ``prepare_model_for_kbit_training`` upcast to fp32 back to the compute dtype.
+
+    peft upcasts every non-quantized parameter (embeddings, ``lm_head``, norms) to fp32 for stability,
+    which for a 0.5B-8B model with a 150k vocabulary costs gigabytes (and the memory estimate counts
+    them at 2 bytes). The frozen ones go back to the compute dtype; norms compute in fp32 internally
+    anyway (``x.to(float32)`` in RMSNorm). Returns the number of parameters cast.
+    """
+    import torch
+
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.to(dtype)
+                n += p.numel()
+    return n
 
 
 def trainable_parameters(model: Any) -> int:
@@ -243,12 +319,21 @@ def quantized_layers(model: Any) -> int:
     )
 
 
-def load_for_training(model_dir: Path, spec: LoRAJobSpec, rt: Runtime) -> tuple[Any, Any]:
-    """(peft model, tokenizer)."""
+def local_device_index(device: str) -> int | str:
+    """``cuda:3`` → 3 (a device_map entry), ``cpu`` → ``"cpu"``."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else device
+
+
+def load_for_training(
+    model_dir: Path, spec: LoRAJobSpec, rt: Runtime, tok: Any = None, *, strategy: str = "Single"
+) -> tuple[Any, Any]:
+    """(peft model, tokenizer); pass the tokenizer when it was loaded before (to render the data). The seed is
+    the same on every rank, so each starts from the same adapter weights (DDP broadcasts rank 0's anyway)."""
     import torch
 
     torch.manual_seed(spec.training.seed)
-    tok = load_tokenizer(model_dir, spec.base_model.trust_remote_code)
-    base = load_base(model_dir, spec, rt)
+    if tok is None:
+        tok = load_tokenizer(model_dir, spec.base_model.trust_remote_code)
+    base = load_base(model_dir, spec, rt, strategy=strategy)
     model = attach_adapter(base, spec, rt)
     return model, tok

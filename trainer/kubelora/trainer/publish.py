@@ -4,11 +4,16 @@ Layout under the output URI::
 
     sha256/<hex>/adapter_model.safetensors
     sha256/<hex>/adapter_config.json
+    sha256/<hex>/chat_template.jinja     the chat template training rendered rows with (serving must use it too)
     sha256/<hex>/eval/results.json       EvalResults (wire form) and details
     sha256/<hex>/eval/samples.jsonl      prompt, expected, base and adapter outputs
     sha256/<hex>/merged/...              only with output.mergedModel
     sha256/<hex>/kubelora-manifest.json  written last: identity, digests, hyperparameters, metrics, versions
     kubelora-latest.json                 the pointer (kind AdapterPointer): digest and uri of the newest adapter
+
+The chat template is listed in the manifest's files and, with its sha256, as ``adapter.chatTemplateFile``, so
+serving can render prompts exactly as training did (a vLLM server takes it as ``--chat-template``; the merged
+model carries it in its tokenizer files).
 
 ``sha256:<hex>`` is the adapter digest, the sha256 of the manifest bytes. Every file's size and sha256 is
 computed locally first, so the manifest (and so the digest) is known before anything is uploaded. Each file
@@ -55,6 +60,7 @@ from kubelora.trainer.report import kv, now_iso
 log = logging.getLogger(__name__)
 
 MANIFEST_KIND = "AdapterManifest"
+CHAT_TEMPLATE = "chat_template.jinja"
 LIBRARIES = (
     "kubelora",
     "torch",
@@ -99,8 +105,14 @@ def stage(
     eval_doc: dict[str, Any] | None,
     samples: list[dict[str, Any]] | None,
     merged_dir: Path | None = None,
+    *,
+    chat_template: Any = None,
 ) -> list[Staged]:
-    """Copy what will be published into ``workdir/publish``; the adapter config names the base identity."""
+    """Copy what will be published into ``workdir/publish``; the adapter config names the base identity.
+
+    ``chat_template`` is the template the rows were rendered with (the tokenizer's ``chat_template``; a dict of
+    named templates publishes its ``default``): written as ``chat_template.jinja`` next to the adapter files.
+    """
     out = workdir / "publish"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -117,6 +129,11 @@ def stage(
         else:
             shutil.copyfile(src, dst)
         files.append(Staged(name, dst))
+    if isinstance(chat_template, dict):
+        chat_template = chat_template.get("default")
+    if isinstance(chat_template, str) and chat_template:
+        (out / CHAT_TEMPLATE).write_text(chat_template)
+        files.append(Staged(CHAT_TEMPLATE, out / CHAT_TEMPLATE))
     if eval_doc is not None:
         (out / "eval").mkdir()
         (out / "eval" / "results.json").write_text(json.dumps(eval_doc, indent=2) + "\n")
@@ -184,6 +201,10 @@ def publish(
         {"path": f.path, "sizeBytes": hashes[f.path].size, "sha256": hashes[f.path].sha256.hexdigest()} for f in files
     ]
     manifest = {**manifest_body, "files": entries}
+    template = next((e for e in entries if e["path"] == CHAT_TEMPLATE), None)
+    if template is not None:
+        about = manifest.get("adapter")
+        manifest["adapter"] = {**(about if isinstance(about, dict) else {}), "chatTemplateFile": dict(template)}
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     local_manifest = workdir / MANIFEST
     local_manifest.write_bytes(data)
@@ -279,6 +300,8 @@ def manifest_body(
             "trainLoss": outcome.train_loss,
             "evalLoss": outcome.eval_loss,
             "seconds": round(outcome.seconds, 3),
+            # strategy, nodes, processesPerNode, worldSize, globalBatchSize (config.Layout)
+            **(cfg.run_layout.to_dict() if hasattr(cfg, "run_layout") else {}),
         },
         "estimate": estimate,
         "libraries": library_versions(),

@@ -152,8 +152,15 @@ class Reporter:
         interval: float | None = None,
         termination_log: Path | None = None,
         console: Console | None = None,
+        enabled: bool = True,
     ) -> None:
-        self.report_file = report_file
+        #: False on every process but rank 0 of a distributed run: events stay in memory, nothing is written
+        #: (report file, mirror, termination log) and no progress is logged.
+        self.enabled = enabled
+        #: The run's layout (strategy, nodes, processesPerNode, worldSize, globalBatchSize), added to progress
+        #: events as ``training`` once known.
+        self.training: dict[str, Any] | None = None
+        self.report_file = report_file if enabled else None
         self.mirror = mirror
         self.report_dir = report_dir()
         self.interval = float(os.environ.get("KUBELORA_PROGRESS_INTERVAL", "5")) if interval is None else interval
@@ -190,7 +197,7 @@ class Reporter:
         return event
 
     def _put(self, name: str, body: dict[str, Any]) -> None:
-        if self.mirror is None:
+        if self.mirror is None or not self.enabled:
             return
         store, out = self.mirror
         try:
@@ -207,7 +214,7 @@ class Reporter:
 
     def forget_previous_result(self) -> None:
         """Remove ``result.json`` of an earlier attempt at the same output."""
-        if self.mirror is None:
+        if self.mirror is None or not self.enabled:
             return
         store, out = self.mirror
         try:
@@ -236,13 +243,16 @@ class Reporter:
         p = p.model_copy(update={"updated_at": now_iso()})
         self.last_progress = p
         event = {"type": "progress", **dump(p)}
+        if self.training is not None:
+            event["training"] = dict(self.training)
         now = time.monotonic()
         if final or now - self._last_progress_event >= self.event_interval:
             self._last_progress_event = now
             self.emit(event)
         else:
             self.latest["progress"] = event
-        self.console.progress(p, final=final)
+        if self.enabled:
+            self.console.progress(p, final=final)
         self._dirty = True
         self.flush(force=final)
 
@@ -290,6 +300,8 @@ class Reporter:
         return event
 
     def _terminate(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         path = self.termination_log
         overridden = "KUBELORA_TERMINATION_LOG" in os.environ
         if not (path.exists() and os.access(path, os.W_OK)) and not (overridden and os.access(path.parent, os.W_OK)):

@@ -8,6 +8,9 @@ phases, but runs nothing. :class:`ImageKubelet` takes over the pods that a
   ``buildah run --isolation chroot``), with the command, args, env, user, working directory and
   volume mounts a kubelet would give it, and host networking (the pod IP from kwok is passed through
   ``status.podIP`` field refs; 127.x pod IPs can be bound);
+- the pod's hostname and a managed /etc/hosts (:mod:`kubelora.devenv.kubelet.hosts`): its own IP under its
+  hostname, its ``hostAliases``, and for a pod with ``spec.subdomain`` the names cluster DNS gives the endpoints
+  of that headless Service (``<hostname>.<subdomain>[.<namespace>.svc.cluster.local]``), rewritten as they change;
 - volumes: emptyDir, hostPath, secret, configMap, downwardAPI, projected (with ServiceAccount tokens
   from the TokenRequest API, bound to the pod), persistentVolumeClaim (the bound PV's ``hostPath`` or
   ``local`` path), and the default ServiceAccount projection at

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from kubelora.devenv.kubelet.api import Kube
+from kubelora.devenv.kubelet.hosts import Endpoints
 from kubelora.devenv.kubelet.spec import service_env
 from kubelora.devenv.kubelet.store import (
     _LIVE_RUNNERS,
@@ -36,6 +37,7 @@ class ImageKubelet:
         self.runner = new_runner_token()
         self.identity = f"{socket.gethostname()}/{self.runner}"
         self.services = service_env(self.kube.host, self.kube.port)
+        self.endpoints = Endpoints(self.kube)  # the cluster DNS of headless Services, for pods' /etc/hosts
         self.workers: dict[str, PodWorker] = {}  # by pod uid
         self.done: set[str] = set()  # uids whose worker finished
         self.lock = threading.RLock()

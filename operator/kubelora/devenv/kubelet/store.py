@@ -189,6 +189,9 @@ def run_command(
     for key, value in env.items():
         command += ["--env", f"{key}={value}"]
     resolved = [(host, resolve_in_root(rootfs, path), read_only) for host, path, read_only in mounts]
+    if any(target == "/etc/hosts" for _, target, _ in resolved):
+        # buildah writes its own /etc/hosts over a mounted one when there are other mounts (1.28)
+        command.append("--no-hosts")
     for host, target, read_only in sorted(resolved, key=lambda m: len(Path(m[1]).parts)):
         if target == "/dev" or target.startswith("/dev/"):
             continue  # chroot isolation ignores mounts under /dev (the host's /dev/shm is writable)

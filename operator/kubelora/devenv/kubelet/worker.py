@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubelora.devenv.kubelet import hosts
 from kubelora.devenv.kubelet.api import ApiError
 from kubelora.devenv.kubelet.containers import Container, Probe, parse_exit, termination_message
 from kubelora.devenv.kubelet.spec import Lookup, StartError, container_command, container_env, container_user
@@ -301,6 +302,7 @@ class PodWorker:
             return
         if not self._ensure_volumes(pod, now):
             return
+        self._write_hosts(pod)
         inits = [c for c in self.containers if c.init]
         policy = pod["spec"].get("restartPolicy") or "Always"
         for container in inits:
@@ -349,6 +351,20 @@ class PodWorker:
         self.volumes_ready = True
         return True
 
+    @property
+    def hosts_file(self) -> Path:
+        return self.directory / "etc-hosts"
+
+    def _write_hosts(self, pod: dict[str, Any]) -> None:
+        """The pod's managed /etc/hosts (kubelet.hosts), rewritten in place as its subdomain's endpoints change."""
+        if not hosts.managed(pod):
+            return
+        subdomain = (pod.get("spec") or {}).get("subdomain")
+        records = self.kubelet.endpoints.records(self.namespace, subdomain) if subdomain else []
+        self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        if hosts.write_in_place(self.hosts_file, hosts.content(pod, records)) and records:
+            log.info("Hosts file updated pod=%s subdomain=%s endpoints=%d", self.key, subdomain, len(records))
+
     def _start(self, pod: dict[str, Any], container: Container) -> None:
         now = time.monotonic()
         try:
@@ -388,8 +404,11 @@ class PodWorker:
             file.chmod(0o666)
             container.termination_file = file
             mounts.append((file, term_path, False))
+        if hosts.managed(pod) and not hosts.mounts_hosts(container.spec):
+            self._write_hosts(pod)
+            mounts.append((self.hosts_file, hosts.HOSTS_PATH, True))
         workdir = container.spec.get("workingDir") or image.config.get("WorkingDir") or "/"
-        hostname = (pod["spec"].get("hostname") or self.pod_name)[:63]
+        hostname = hosts.hostname(pod)
         name = container_name(self.kubelet.runner, self.namespace, self.pod_name, container.name, self.uid)
         started = time.monotonic()
         try:
