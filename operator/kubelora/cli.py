@@ -71,11 +71,15 @@ def api(
     kubeconfig: Annotated[
         Path | None, typer.Option(help="Kubeconfig of the API's own identity; in a pod, its ServiceAccount")
     ] = None,
+    audience: Annotated[
+        str | None,
+        typer.Option(help="The audience callers' tokens must be made for (else the catalogue's `audience`)"),
+    ] = None,
 ) -> None:
     """Serve the OpenAI Files and Fine-tuning API over LoRAJobs (docs/self-service.md)."""
     from kubelora.selfservice.server import run
 
-    run(host, port, catalogue, kubeconfig)
+    run(host, port, catalogue, kubeconfig, audience)
 
 
 if __name__ == "__main__":

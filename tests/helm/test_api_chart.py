@@ -116,6 +116,29 @@ def test_catalogue_values_reach_the_api_in_a_form_it_accepts():
     assert before["checksum/catalogue"] != after["checksum/catalogue"]
 
 
+def test_tokens_must_be_for_the_api_audience_by_default():
+    text = one(render(API), "ConfigMap", f"{API_NAME}-catalogue")["data"]["catalogue.yaml"]
+    assert Catalogue.model_validate(yaml.safe_load(text)).audience == "kubelora-api"
+    docs = render({"api": {"enabled": True, "audience": "fine-tuning.example.com"}})
+    text = one(docs, "ConfigMap", f"{API_NAME}-catalogue")["data"]["catalogue.yaml"]
+    assert Catalogue.model_validate(yaml.safe_load(text)).audience == "fine-tuning.example.com"
+    # Empty: the API server's own audience (tokens that also work against the cluster).
+    docs = render({"api": {"enabled": True, "audience": ""}})
+    text = one(docs, "ConfigMap", f"{API_NAME}-catalogue")["data"]["catalogue.yaml"]
+    assert Catalogue.model_validate(yaml.safe_load(text)).audience is None
+
+
+def test_allowed_storage_endpoints_reach_the_catalogue():
+    docs = render({"api": {"enabled": True, "catalogue": {"allowedStorageEndpoints": ["minio.storage:9000"]}}})
+    text = one(docs, "ConfigMap", f"{API_NAME}-catalogue")["data"]["catalogue.yaml"]
+    catalogue = Catalogue.model_validate(yaml.safe_load(text))
+    assert catalogue.allowed_storage_endpoints == ["minio.storage:9000"]
+    assert catalogue.storage_endpoint_allowed("http://minio.storage:9000")
+    assert not catalogue.storage_endpoint_allowed("kubernetes.default:443")
+    text = one(render(API), "ConfigMap", f"{API_NAME}-catalogue")["data"]["catalogue.yaml"]
+    assert Catalogue.model_validate(yaml.safe_load(text)).allowed_storage_endpoints == []
+
+
 def test_an_image_of_its_own_and_a_service_port():
     docs = render(
         {"api": {"enabled": True, "image": {"repository": "reg/kubelora-api", "tag": "1.2"}, "service": {"port": 8443}}}
@@ -133,6 +156,8 @@ def test_an_image_of_its_own_and_a_service_port():
         ({"api": {"catalogue": {"models": {"m": {"uri": "ftp://m/"}}}}}, "uri"),
         ({"api": {"catalogue": {"servingPools": {"p": {"endpoint": "http://x"}}}}}, "target"),
         ({"api": {"service": {"type": "Ingress"}}}, "type"),
+        ({"api": {"audience": 1}}, "audience"),
+        ({"api": {"catalogue": {"allowedStorageEndpoints": "minio:9000"}}}, "allowedStorageEndpoints"),
     ],
 )
 def test_schema_checks_the_api_values(values, field):

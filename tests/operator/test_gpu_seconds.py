@@ -91,6 +91,7 @@ def test_the_ledger_keeps_the_time_of_a_deleted_pod_and_of_a_run_reported_shorte
 def test_the_executor_counts_a_failed_attempt_whose_pod_is_gone():
     executor = JobExecutor.__new__(JobExecutor)
     executor.config, executor.ledger, executor.ledger_pruned_at = OperatorConfig(), RunLedger(), 0.0
+    executor.quota_checked, executor.quota_refused = {}, {}
     executor.LEDGER_PRUNE_INTERVAL = float("inf")
     job = {
         "metadata": {"name": "support-train-1234abcd", "uid": "job-1", "creationTimestamp": "2026-01-01T00:00:00Z"},

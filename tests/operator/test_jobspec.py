@@ -475,3 +475,52 @@ def test_grace_period_from_the_operators_own_estimate():
     expected = max(120, -(-(30 + 1.5 * step + (12 * trainable + 1_000_000) / 20e6) // 1))
     pod = build_job(job_object, OperatorConfig(), estimate=estimate)["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == int(expected)
+
+
+def test_multi_process_pods_give_torchrun_the_grace_period():
+    """torchrun would SIGKILL the workers 30 s after the pod's SIGTERM whatever terminationGracePeriodSeconds says:
+    its --shutdown-timeout is the grace period less 10 s."""
+    from kubelora.trainer import distributed
+
+    config = OperatorConfig(trainer_image="registry/trainer:1")
+    big = {"trainableParameters": 500_000_000, "gpuHours": 80.0, "worldSize": 16}
+    for resources in ({"gpus": 8, "nodes": 2}, {"gpus": 4}):
+        job = build_job(lorajob(resources=resources, training={"maxSteps": 1000}), config, estimate=big)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 358
+        launcher, _ = distributed.parse_args(pod["containers"][0]["command"][3:])
+        assert launcher.shutdown_timeout == 348
+    # the least grace period (120 s) leaves 110 s; one process has no torchrun in between
+    small = {"trainableParameters": 4_000_000, "gpuHours": 0.01, "worldSize": 2}
+    pod = build_job(lorajob(training={"maxSteps": 100}), config, estimate=small)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 120
+    assert distributed.parse_args(pod["containers"][0]["command"][3:])[0].shutdown_timeout == 110
+    single = build_job(lorajob(resources={"gpus": 1}), config)["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in single
+
+
+def test_attempts_of_a_multi_node_job_count_attempts_not_pods():
+    from kubelora.operator import handlers
+
+    def job(nodes, **status):
+        body = build_job(lorajob(resources={"gpus": 8, "nodes": nodes}), OperatorConfig())
+        body["status"] = status
+        return handlers._slim(body)  # what the operator's index keeps of the Job
+
+    two = job(2, active=2)
+    assert two["spec"]["parallelism"] == 2 and two["spec"]["completionMode"] == "Indexed"
+    assert observe_job(two, []).attempts == 1  # the first attempt runs both pods
+    assert observe_job(job(2, failed=2, active=2), []).attempts == 2
+    assert observe_job(job(2, failed=1, terminating=1, active=2), []).attempts == 2
+    assert observe_job(job(2, succeeded=2), []).attempts == 1
+    assert observe_job(job(4, failed=4, active=1), []).attempts == 2  # the second attempt's pods are coming up
+    assert observe_job(job(1, failed=2, active=1), []).attempts == 3  # one pod per attempt
+    assert observe_job({"metadata": {"name": "j"}, "status": {"failed": 1, "active": 1}}, []).attempts == 2
+    # a suspended Job (queued in Kueue) keeps its shape and its suspend flag in the index
+    queued = build_job(lorajob(resources={"gpus": 8, "nodes": 2}, queueName="q"), OperatorConfig())
+    assert handlers._slim(queued)["spec"] == {
+        "parallelism": 2,
+        "completions": 2,
+        "completionMode": "Indexed",
+        "suspend": True,
+    }

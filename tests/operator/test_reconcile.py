@@ -241,6 +241,7 @@ def executor_with(status: int | None, jobs: dict[str, list[dict[str, Any]]]) -> 
     executor = JobExecutor.__new__(JobExecutor)
     executor.config, executor.batch = OperatorConfig(), FakeBatch(status)
     executor.ledger, executor.ledger_pruned_at = RunLedger(), 0.0
+    executor.quota_checked, executor.quota_refused = {}, {}
     executor.bind(jobs, {})
     return executor
 

@@ -129,6 +129,8 @@ def test_chart_operator_from_its_image_trains_and_serves(
 def check_api_upload(devenv, kubectl, namespace: str, tenant: str, bucket: str, minio_client, port: int) -> None:
     import openai
 
+    values_audience = "kubelora-api"  # the chart's default api.audience
+
     if not minio_client.bucket_exists(bucket):
         minio_client.make_bucket(bucket)
     kubectl(
@@ -149,14 +151,19 @@ def check_api_upload(devenv, kubectl, namespace: str, tenant: str, bucket: str, 
     )["items"]
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
     base_url = f"http://{pods[0]['status']['podIP']}:{port}/v1"
-    client = openai.OpenAI(base_url=base_url, api_key=token(kubectl, tenant, "alice"), max_retries=0, timeout=60)
+    # A token for the API's audience (the chart's api.audience); a plain API-server token is refused.
+    bearer = token(kubectl, tenant, "alice", audience=values_audience)
+    client = openai.OpenAI(base_url=base_url, api_key=bearer, max_retries=0, timeout=60)
     uploaded = client.files.create(file=("train.jsonl", jsonl([CHAT_ROW] * 3)), purpose="fine-tune")
     assert uploaded.bytes == len(jsonl([CHAT_ROW] * 3)), uploaded
     assert [f.id for f in client.files.list()] == [uploaded.id]
     stored = [o.object_name for o in minio_client.list_objects(bucket, prefix="self-service/files/", recursive=True)]
-    assert len(stored) == 1 and uploaded.id in stored[0], stored
+    assert f"self-service/files/{uploaded.id}.jsonl" in stored, stored
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base_url, api_key="not-a-token", max_retries=0, timeout=60).files.list()
+    plain = token(kubectl, tenant, "alice", audience=None)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base_url, api_key=plain, max_retries=0, timeout=60).files.list()
 
 
 def get_operator_pod(kubectl, namespace: str) -> dict[str, Any]:

@@ -400,3 +400,20 @@ def test_while_the_source_is_gone_the_status_message_does_not_grow_pass_after_pa
         messages.append(status["message"])
     assert messages[2] == messages[3] and messages[3].count("source unavailable") == 1, messages
     assert "the next step waits for the source" in messages[3]
+
+
+def test_a_first_rollout_whose_adapter_becomes_refused_unloads_its_canary_pods():
+    # B is on the canary pod of a first rollout (nothing served before) when it turns out to be refused
+    world = World(PODS)
+    world.served[PODS[0]] = B.digest
+    spec = Spec("svc", canary_replicas=1)
+    status = {"phase": "Canary", "activeDigest": B.digest, "activeUri": B.uri, "currentStep": 0,
+              "replicas": [{"pod": PODS[0], "digest": B.digest, "state": "Loaded"}]}  # fmt: skip
+    refused = Source("refused", "EvalFailed", "exact_match min 0.9: adapter 0.2, base 0.25")
+    plans = settle(observed(spec, status, refused), world)
+    assert plans[-1].phase == "Refused" and plans[-1].status.get("activeDigest") is None
+    assert plans[-1].converge is not None and plans[-1].converge.pods(None) == set(PODS)
+    assert world.count(B) == 0, "nothing admits B any more, so no pod may serve it under servedName"
+    # and once nothing is loaded, later passes leave the pods alone
+    later = settle(observed(spec, dict(plans[-1].status), refused), world)
+    assert later[-1].converge is None and later[-1].status["replicas"] == []

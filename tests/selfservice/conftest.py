@@ -29,6 +29,8 @@ from tests.helm.conftest import one, render
 from tests.operator.harness import free_port, install_crds
 
 STORAGE_SECRET = "kubelora-api-storage"
+#: The audience the API under test requires (the chart's default api.audience); tenants' tokens are made for it.
+AUDIENCE = "kubelora-api"
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -38,8 +40,12 @@ def chart_api_role(storage_secret: str = STORAGE_SECRET) -> dict[str, Any]:
     return one(docs, "ClusterRole", "kl-kubelora-api")
 
 
-def token(kubectl: Kubectl, namespace: str, name: str) -> str:
-    return kubectl("create", "token", name, "-n", namespace, "--duration=2h").stdout.strip()
+def token(kubectl: Kubectl, namespace: str, name: str, audience: str | None = AUDIENCE) -> str:
+    """A ServiceAccount token for the API (``--audience``), or with ``audience=None`` one for the API server."""
+    args = ["create", "token", name, "-n", namespace, "--duration=2h"]
+    if audience is not None:
+        args.append(f"--audience={audience}")
+    return kubectl(*args).stdout.strip()
 
 
 def sa_kubeconfig(devenv: cluster.DevEnv, bearer: str, path: Path) -> Path:
@@ -87,7 +93,9 @@ def api_identity(devenv: cluster.DevEnv, tmp_path_factory: pytest.TempPathFactor
             f"--serviceaccount={namespace}:kubelora-api",
         )  # fmt: skip
         path = sa_kubeconfig(
-            devenv, token(kubectl, namespace, "kubelora-api"), tmp_path_factory.mktemp("api") / "kubeconfig"
+            devenv,
+            token(kubectl, namespace, "kubelora-api", audience=None),  # the API's own, for the API server
+            tmp_path_factory.mktemp("api") / "kubeconfig",
         )
         yield ApiIdentity(namespace, role_name, path)
     finally:
@@ -102,7 +110,8 @@ class ApiProcess:
     def __init__(self, identity: ApiIdentity, catalogue: dict[str, Any], workdir: Path) -> None:
         self.identity = identity
         self.catalogue_path = workdir / "catalogue.yaml"
-        self.catalogue_path.write_text(yaml.safe_dump(catalogue))
+        # Like the chart (api.audience): tenants' tokens are made for the API, not for the API server.
+        self.catalogue_path.write_text(yaml.safe_dump({"audience": AUDIENCE, **catalogue}))
         self.log_path = workdir / "api.log"
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -148,9 +157,11 @@ class Tenant:
     users: dict[str, str]  # ServiceAccount name -> token
 
 
-#: What a tenant's users may do: the verbs the API checks, as a namespace's editors would have them.
+#: What a tenant's users may do: the verbs the API checks, as a namespace's editors would have them (cancel deletes
+#: the training Job).
 TENANT_RULES = [
     {"apiGroups": ["kubelora.dev"], "resources": ["lorajobs", "adapterdeployments"], "verbs": ["*"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["delete"]},
 ]
 READER_RULES = [
     {"apiGroups": ["kubelora.dev"], "resources": ["lorajobs", "adapterdeployments"], "verbs": ["get", "list"]},

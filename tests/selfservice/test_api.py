@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ from tests.selfservice.conftest import (
     empty_bucket,
     jsonl,
     make_tenant,
+    sa_kubeconfig,
+    token,
 )
 
 pytestmark = [pytest.mark.e2e]
@@ -181,6 +184,47 @@ def test_bad_tokens_and_missing_rights_are_refused(api, tenants, alice):
         other.files.list()
 
 
+def kubectl_with_token(devenv: cluster.DevEnv, bearer: str, path: Path, *args: str) -> Any:
+    """kubectl with only ``bearer`` as credentials (the admin kubeconfig's client certificate would win)."""
+    kubeconfig = sa_kubeconfig(devenv, bearer, path)
+    return subprocess.run(
+        [str(devenv.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_token_for_the_api_server_is_refused(api, tenants, devenv, tmp_path):
+    """The API requires its own audience: a token that works against the cluster is not an API key."""
+    kubectl = kubectl_runner(devenv)
+    namespace = tenants["a"].namespace
+    plain = token(kubectl, namespace, "alice", audience=None)
+    works = kubectl_with_token(devenv, plain, tmp_path / "plain", "get", "lorajobs", "-n", namespace)
+    assert works.returncode == 0, works.stderr
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client_for(api, plain).files.list()
+    assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+    # The same ServiceAccount's token for the API's audience is let in, and the API server refuses that one.
+    scoped = token(kubectl, namespace, "alice")
+    assert client_for(api, scoped).files.list().data is not None
+    denied = kubectl_with_token(devenv, scoped, tmp_path / "scoped", "get", "lorajobs", "-n", namespace)
+    assert denied.returncode != 0 and "Unauthorized" in denied.stderr, denied.stderr
+
+
+def test_a_suffix_that_is_not_a_served_name_is_refused(alice, tenants, devenv):
+    training = upload(alice, [CHAT_ROW] * 4)
+    with pytest.raises(openai.BadRequestError) as refused:
+        alice.fine_tuning.jobs.create(
+            model="tiny-llama",
+            training_file=training.id,
+            suffix="no spaces",
+            extra_body={"kubelora": {"serving_pool": "support"}},
+        )
+    assert refused.value.body["param"] == "suffix"
+
+
 def test_a_job_is_a_lorajob_in_the_callers_namespace(alice, bob, tenants, devenv, shared_bucket):
     tenant = tenants["a"]
     kubectl = kubectl_runner(devenv)
@@ -257,6 +301,25 @@ def test_unknown_models_and_pools_are_refused(alice):
             model="tiny-llama", training_file=training.id, extra_body={"kubelora": {"serving_pool": "nope"}}
         )
     assert pool.value.body["code"] == "serving_pool_not_found"
+
+
+def test_cancel_before_the_run_deletes_the_lorajob_and_keeps_the_job(alice, tenants, devenv, minio_client):
+    """No operator runs here: the job has no training Job yet, so cancel deletes its LoRAJob and keeps a record."""
+    tenant = tenants["a"]
+    kubectl = kubectl_runner(devenv)
+    training = upload(alice, [CHAT_ROW] * 4)
+    job = alice.fine_tuning.jobs.create(model="tiny-llama", training_file=training.id, metadata={"case": "early"})
+    cancelled = alice.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    gone = kubectl("get", "lorajob", job.id, "-n", tenant.namespace, check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr
+    record = minio_client.get_object(tenant.bucket, f"{tenant.prefix}jobs/{job.id}/cancelled.json").read()
+    assert json.loads(record)["metadata"]["name"] == job.id
+    retrieved = alice.fine_tuning.jobs.retrieve(job.id)
+    assert retrieved.status == "cancelled" and retrieved.finished_at is not None
+    assert [j.id for j in alice.fine_tuning.jobs.list(limit=100, metadata={"case": "early"})] == [job.id]
+    with pytest.raises(openai.BadRequestError):
+        alice.fine_tuning.jobs.cancel(job.id)
 
 
 @pytest.fixture

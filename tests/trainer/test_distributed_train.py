@@ -8,6 +8,7 @@ fails the attempt while the retry resumes from the last checkpoint to the same f
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,6 +149,83 @@ def test_rank_helpers_read_torchrun_environment() -> None:
     assert (distributed.rank(env), distributed.local_rank(env), distributed.world_size(env)) == (3, 1, 4)
     assert distributed.node_count(env) == 2 and not distributed.is_local_main_process(env)
     assert distributed.backend(cuda=False) == "gloo" and distributed.backend(cuda=True) == "nccl"
+
+
+def test_fsdp_with_eval_is_refused_before_training_naming_spec_eval() -> None:
+    from kubelora.trainer import cli
+
+    manifest = make_spec(base="file:///m", train="file:///t.jsonl", output="file:///o", test="file:///test.jsonl")
+    manifest["spec"]["training"].update(batchSize=2, gradientAccumulation=2)
+    spec = config_mod.parse_spec(manifest)[0]
+    fsdp = config_mod.layout(spec, nodes=2, processes_per_node=1, strategy="FSDP")
+    with pytest.raises(InvalidSpecError) as e:
+        cli.check_layout(spec, fsdp)
+    assert e.value.exit_code == 3  # non-retryable: the Job fails at once (podFailurePolicy FailJob)
+    assert "spec.eval" in e.value.message and "FSDP" in e.value.message and "hang" in e.value.message
+    # DDP keeps a whole model on every rank: evaluation on rank 0 works; FSDP without eval trains as before
+    cli.check_layout(spec, config_mod.layout(spec, nodes=2, processes_per_node=1, strategy="DDP"))
+    no_eval = spec.model_copy(update={"eval": None})
+    cli.check_layout(no_eval, config_mod.layout(no_eval, nodes=2, processes_per_node=1, strategy="FSDP"))
+
+
+def test_the_exit_code_after_training_is_rank_0s(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubelora.trainer import cli
+
+    assert distributed.agree_exit_code(4) == 4  # one process: its own
+    # A rank that cannot hear from rank 0 (it died) leaves non-zero (retryable) rather than completing its pod.
+    monkeypatch.setenv("RANK", "1")
+
+    def lost(code: int) -> int:
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(distributed, "agree_exit_code", lost)
+    assert cli._agree_exit_code(0) == 1
+    monkeypatch.setenv("RANK", "0")
+    assert cli._agree_exit_code(0) == 0 and cli._agree_exit_code(3) == 3  # rank 0 keeps its own
+
+
+#: torchrun's summary of failed workers: "rank : 1 (local_rank: 1)" then "exitcode : 1 (pid: ...)".
+FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+def test_every_rank_waits_for_rank_0_and_leaves_with_its_exit_code_when_it_fails_after_training(
+    tiny_kit: TinyKit, tmp_path: Path
+) -> None:
+    """Rank 0 fails in publishing, after training (a retryable error). Rank 1 must not leave with 0 right after
+    training (in a multi-node Job its pod would Complete, and the retry of pod 0 alone would wait at the
+    rendezvous forever): it waits for rank 0's exit code and leaves with it. No MinIO: file:// everywhere."""
+    manifest = make_spec(
+        base=f"file://{tiny_kit.model}", train=f"file://{tiny_kit.train}", output=f"file://{tmp_path}/out/"
+    )
+    manifest["spec"]["training"].update(maxSteps=2, checkpointEverySteps=2, batchSize=4, gradientAccumulation=2)
+    pids = tmp_path / "pids"
+    env = {"KUBELORA_DEBUG_FAIL_PUBLISH": "1", distributed.PID_DIR_ENV: str(pids)}
+    failed = run(tmp_path, "failed", manifest, env, processes=2)
+    assert failed.returncode == 1, failed.stderr[-3000:]  # the launcher's: the code the ranks agreed on
+    # each rank wrote the exit code it leaves with, once every rank had it
+    exits = {r: (pids / f"rank-{r}.exit").read_text() if (pids / f"rank-{r}.exit").exists() else None for r in (0, 1)}
+    assert exits == {0: "1", 1: "1"}, failed.stderr[-3000:]
+    # torchrun saw both workers fail, none complete (0): each left with the code, or, when the other one left
+    # first, was stopped by torchrun's SIGTERM after it had the code (the exit files above)
+    codes = {int(r): int(c) for r, c in FAILURE.findall(failed.stderr)}
+    assert codes.keys() == {0, 1} and set(codes.values()) <= {1, -signal.SIGTERM}, failed.stderr[-3000:]
+    assert 1 in codes.values(), failed.stderr[-3000:]
+    assert "Leaving with rank 0's exit code" in failed.stderr
+    assert [e["step"] for e in failed.of("checkpoint")] == [2]  # it failed after training
+    assert failed.error["reason"] == "InternalError" and "KUBELORA_DEBUG_FAIL_PUBLISH" in failed.error["message"]
+    assert not failed.of("result")
+
+
+def test_a_non_retryable_error_under_torchrun_exits_3(tiny_kit: TinyKit, tmp_path: Path) -> None:
+    """Every rank refuses the spec before weights move (InvalidSpec, 3); torchrun alone would exit 1, which the
+    Job retries: the launcher exits with the workers' 3, which its podFailurePolicy fails the Job on."""
+    manifest = make_spec(
+        base=f"file://{tiny_kit.model}", train=f"file://{tiny_kit.train}", output=f"file://{tmp_path}/out/"
+    )
+    manifest["spec"]["training"].update(maxSteps=2, batchSize=4, gradientAccumulation=3)  # not a multiple of 2
+    refused = run(tmp_path, "refused", manifest, {}, processes=2)
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    assert refused.error["reason"] == "InvalidSpec" and "gradientAccumulation" in refused.error["message"]
 
 
 # -- end to end: torchrun, 2 processes, MinIO ---------------------------------------------------------------------

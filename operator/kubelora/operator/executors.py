@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +45,10 @@ TRAINER_CONTAINER = "trainer"
 QUOTA_EXCEEDED = "QuotaExceeded"
 #: Kueue has not admitted the suspended Job yet; the reason when its Workload says nothing more.
 KUEUE_PENDING = "PendingAdmission"
-KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+KUEUE_GROUP = "kueue.x-k8s.io"
+#: Served by Kueue v0.17 (v1beta2) and by the releases before it (v1beta1); the first one served is used.
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
 
 
 class StartRefusedError(Exception):
@@ -236,6 +240,19 @@ def workload_state(workload: dict[str, Any] | None) -> tuple[str, str]:
     return KUEUE_PENDING, "Waiting for Kueue to admit the Workload"
 
 
+def pods_per_attempt(job: Mapping[str, Any]) -> int:
+    """Pods of one attempt: a multi-node Job (Indexed, parallelism = completions = nodes) runs all its nodes' pods
+    at once, and an attempt that fails ends all of them; otherwise one."""
+    spec = job.get("spec") or {}
+    if spec.get("completionMode") not in (None, "Indexed"):
+        return 1
+    nodes = spec.get("parallelism") or spec.get("completions") or 1
+    try:
+        return max(1, int(nodes))
+    except (TypeError, ValueError):
+        return 1
+
+
 def observe_job(
     job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
@@ -254,9 +271,10 @@ def observe_job(
     # Every pod the Job made: counted (failed, succeeded), running (active), and those between, which a watch
     # can see first: terminating, or terminated but not yet counted (the Job controller's pod finalizers).
     uncounted = status.get("uncountedTerminatedPods") or {}
-    attempts = sum(int(status.get(k) or 0) for k in ("failed", "active", "succeeded", "terminating")) + sum(
+    pods_made = sum(int(status.get(k) or 0) for k in ("failed", "active", "succeeded", "terminating")) + sum(
         len(uncounted.get(k) or []) for k in ("failed", "succeeded")
     )
+    attempts = -(-pods_made // pods_per_attempt(job))
     conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
     base = Observation(state="Pending", attempts=attempts, started_at=status.get("startTime"), run_name=name)
     base.running_seconds = running_seconds(pods, TRAINER_CONTAINER)
@@ -415,14 +433,24 @@ class JobExecutor:
         from kubernetes.client.exceptions import ApiException
 
         meta = job["metadata"]
-        try:
-            listed: Any = self.custom.list_namespaced_custom_object(
-                KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads"
-            )
-        except ApiException as exc:
-            if exc.status in (403, 404):
-                return None  # Kueue not installed, or not readable: the generic message
-            raise
+        listed: Any = {}
+        for version in KUEUE_VERSIONS:
+            try:
+                # Kueue labels each Workload with its Job's UID: one small LIST, not every Workload in the namespace
+                listed = self.custom.list_namespaced_custom_object(
+                    KUEUE_GROUP,
+                    version,
+                    meta["namespace"],
+                    "workloads",
+                    label_selector=f"{KUEUE_JOB_UID}={meta.get('uid')}",
+                )
+                break
+            except ApiException as exc:
+                if exc.status == 404:
+                    continue  # this Kueue does not serve that version (or Kueue is not installed)
+                if exc.status == 403:
+                    return None  # not readable: the generic message
+                raise
         for workload in listed.get("items") or []:
             if names.controller_uid(workload.get("metadata") or {}, "batch/v1", "Job") == meta.get("uid"):
                 return dict(workload)

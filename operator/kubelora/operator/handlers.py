@@ -134,13 +134,22 @@ async def cleanup(memo: Any, **_: Any) -> None:
         api_client.close()
 
 
+#: What a Job's slim spec keeps besides ``suspend``: a multi-node Job's shape, to count its attempts (not its pods).
+_JOB_SPEC = ("parallelism", "completions", "completionMode")
+
+
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A Job as the reconcile reads it: identity, status, and whether it is suspended (queued in Kueue)."""
+    """A Job as the reconcile reads it: identity, status, whether it is suspended (queued in Kueue), and its
+    parallelism, completions and completion mode (pods per attempt)."""
     meta = {k: v for k, v in body["metadata"].items() if k in ("name", "namespace", "creationTimestamp", "uid")}
     slim: dict[str, Any] = {"metadata": meta, "status": dict(body.get("status") or {})}
-    suspend = (body.get("spec") or {}).get("suspend")
+    body_spec = body.get("spec") or {}
+    spec: dict[str, Any] = {k: body_spec[k] for k in _JOB_SPEC if body_spec.get(k) is not None}
+    suspend = body_spec.get("suspend")
     if suspend is not None:
-        slim["spec"] = {"suspend": bool(suspend)}
+        spec["suspend"] = bool(suspend)
+    if spec:
+        slim["spec"] = spec
     return slim
 
 

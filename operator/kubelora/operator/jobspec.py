@@ -53,11 +53,13 @@ def owner_references(lorajob: LoRAJob) -> list[dict[str, Any]]:
 TRAINER_ARGS = ("--spec", SPEC_PATH, "--workdir", "/workspace/run")
 
 
-def container_command(lorajob: LoRAJob) -> list[str] | None:
+def container_command(lorajob: LoRAJob, *, grace_period_seconds: int | None = None) -> list[str] | None:
     """The trainer container's command: torchrun through kubelora.trainer.distributed for more than one process.
 
     None keeps the image's entrypoint (one process). Every pod of a multi-node Job has the same command; each
-    finds its node rank in JOB_COMPLETION_INDEX when it starts.
+    finds its node rank in JOB_COMPLETION_INDEX when it starts. ``grace_period_seconds``, the pod's
+    terminationGracePeriodSeconds, sets torchrun's --shutdown-timeout (the grace period less 10 s, at least 30 s):
+    torchrun gets the SIGTERM (through the launcher) and would otherwise kill its workers after 30 s.
     """
     resources = lorajob.spec.resources
     host = None
@@ -69,6 +71,9 @@ def container_command(lorajob: LoRAJob) -> list[str] | None:
         trainer_args=TRAINER_ARGS,
         rdzv_host=host,
         rdzv_id=lorajob.metadata.uid or job_name(lorajob),
+        shutdown_timeout=(
+            distributed.shutdown_timeout_for(grace_period_seconds) if grace_period_seconds is not None else None
+        ),
     )
 
 
@@ -280,10 +285,11 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig, estimate: Mapping[str, A
         volume = f"pvc-{index}"
         mounts.append({"name": volume, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
         claim_volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+    grace = grace_period_seconds(estimate, spec.training.max_steps)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # SIGTERM (deletion, preemption, a drained node) lets the trainer finish its step and upload a checkpoint.
-        "terminationGracePeriodSeconds": grace_period_seconds(estimate, spec.training.max_steps),
+        "terminationGracePeriodSeconds": grace,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
@@ -355,7 +361,7 @@ def build_job(lorajob: LoRAJob, config: OperatorConfig, estimate: Mapping[str, A
         # the podFailurePolicy matches that pod: it is a failed attempt, counted against backoffLimit. On the Job
         # spec the deadline would bound all attempts together, queue time and retry back-off included.
         pod_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    command = container_command(lorajob)
+    command = container_command(lorajob, grace_period_seconds=grace)
     if command is not None:
         pod_spec["containers"][0]["command"], pod_spec["containers"][0]["args"] = command, []
     nodes = spec.resources.nodes

@@ -561,11 +561,22 @@ class _Step:
     def drive(self, source: Source | None) -> Plan:
         """Converge the pods, then move the rollout on from what they serve."""
         pods = self.observed.pods
-        if self.active is None and self.phase in ("Pending", "Refused"):
-            self.status.update(desiredReplicas=len(pods), loadedReplicas=0, replicas=[])
-            return self.plan()
         # What pods served on the last pass decides the canary set; read it from status.
         before = {r["pod"]: r.get("digest") for r in self.status.get("replicas") or [] if r.get("state") == "Loaded"}
+        if self.active is None and self.phase in ("Pending", "Refused"):
+            if not before:
+                self.status.update(desiredReplicas=len(pods), loadedReplicas=0, replicas=[])
+                return self.plan()
+            # A first rollout stopped half-way (its adapter refused, the spec changed to one still pending) left
+            # its canary pods serving an adapter nothing admits any more: unload it, so servedName serves nothing.
+            self.actions.append(Converge(tuple((pod, None) for pod in sorted(pods))))
+            if self.results is None:
+                return self.plan()
+            # a pod whose unload failed stays Loaded here and is unloaded again on the next pass
+            self.status.update(
+                desiredReplicas=len(pods), loadedReplicas=0, replicas=replicas(list(self.results.values()))
+            )
+            return self.plan()
         if self.phase in ("Ready", "RolledBack"):
             # a completed rollback (or unload) is what a starting pod preloads, before the pods unload
             self.actions.append(WritePreload(self.active))

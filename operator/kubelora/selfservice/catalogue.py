@@ -5,6 +5,10 @@ A YAML document, mounted by the chart from the ConfigMap ``<release>-api-catalog
     storageSecret: kubelora-api-storage    # the Secret in each tenant namespace: accessKey, secretKey, endpoint,
                                            # bucket and (optional) prefix; also the LoRAJobs' S3 secretRef
     maxFileBytes: 536870912                # upload size limit
+    audience: kubelora-api                 # optional: the audience callers' tokens must be issued for
+                                           # (TokenReview spec.audiences); unset: tokens for the API server
+    allowedStorageEndpoints: [minio.storage:9000]  # optional: the S3 endpoints a storage Secret may name
+                                           # (host[:port]); empty: any
     models:
       llama-3.1-8b:
         uri: s3://models/llama-3.1-8b/     # spec.baseModel.uri
@@ -24,8 +28,10 @@ A YAML document, mounted by the chart from the ConfigMap ``<release>-api-catalog
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +41,15 @@ from kubelora.api.v1alpha1 import ServingTarget
 
 DEFAULT_STORAGE_SECRET = "kubelora-api-storage"  # noqa: S105 - a Secret name
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+#: An AdapterDeployment's spec.servedName (kubelora.api.v1alpha1); a served name is ``ft/<model>/<suffix>-<id>``.
+SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+SERVED_NAME_MAX = 128
+
+
+def endpoint_host(endpoint: str) -> str:
+    """What the S3 client connects to for ``endpoint`` (``host:port`` or a URL; as kubelora.storage.make_client
+    reads it), lower-cased, for comparing endpoints. Nothing is stripped: ``user@host`` is not ``host``."""
+    return (urlparse(endpoint).netloc if "://" in endpoint else endpoint).lower()
 
 
 class _Entry(BaseModel):
@@ -65,8 +80,17 @@ class ServingPool(_Entry):
 class Catalogue(_Entry):
     storage_secret: str = DEFAULT_STORAGE_SECRET
     max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, ge=1)
+    #: The audience callers' tokens must carry (TokenReview spec.audiences); None: the API server's own.
+    audience: str | None = None
+    #: The S3 endpoints (host[:port]) a tenant storage Secret may name; empty: any.
+    allowed_storage_endpoints: list[str] = Field(default_factory=list)
     models: dict[str, CatalogueModel] = Field(default_factory=dict)
     serving_pools: dict[str, ServingPool] = Field(default_factory=dict)
+
+    def storage_endpoint_allowed(self, endpoint: str) -> bool:
+        if not self.allowed_storage_endpoints:
+            return True
+        return endpoint_host(endpoint) in {endpoint_host(e) for e in self.allowed_storage_endpoints}
 
 
 def load(path: Path | None) -> Catalogue:
@@ -75,6 +99,12 @@ def load(path: Path | None) -> Catalogue:
         return Catalogue()
     data = yaml.safe_load(path.read_text()) or {}
     catalogue = Catalogue.model_validate(data)
+    for name in catalogue.models:
+        if not SERVED_NAME.match(name) or len(name) > 64:
+            raise ValueError(
+                f"models.{name}: a model name is part of served names: at most 64 of A-Z a-z 0-9 . _ / -, "
+                "starting with a letter or digit"
+            )
     for name, pool in catalogue.serving_pools.items():
         try:
             pool.validated_target()

@@ -59,8 +59,11 @@ class Caller:
 class Kube:
     """The API's own Kubernetes client, with the reviews it asks for and the objects it reads."""
 
-    def __init__(self, kubeconfig: Path | None = None) -> None:
+    def __init__(self, kubeconfig: Path | None = None, audience: str | None = None) -> None:
         from kubernetes import client, config
+
+        #: The audience callers' tokens must be issued for; None: any the API server accepts as its own.
+        self.audience = audience or None
 
         if kubeconfig is not None:
             self.api: Any = config.new_client_from_config(config_file=str(kubeconfig))
@@ -86,12 +89,22 @@ class Kube:
             cached = self._tokens.get(key)
             if cached and cached[0] > now:
                 return cached[1]
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+        spec: dict[str, Any] = {"token": token}
+        if self.audience:
+            spec["audiences"] = [self.audience]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
         review = self.api.sanitize_for_serialization(self.authn.create_token_review(body))
         status = review.get("status") or {}
         if not status.get("authenticated"):
+            hint = f" for audience {self.audience}" if self.audience else ""
             raise ApiError(
-                401, "Invalid token: the Kubernetes API server did not authenticate it", type_="invalid_request_error",
+                401, f"Invalid token: the Kubernetes API server did not authenticate it{hint}",
+                type_="invalid_request_error", code="invalid_api_key",
+            )  # fmt: skip
+        if self.audience and self.audience not in (status.get("audiences") or []):
+            # An authenticator that ignores spec.audiences answers without them: not a token for this API.
+            raise ApiError(
+                401, f"Invalid token: it is not issued for audience {self.audience}", type_="invalid_request_error",
                 code="invalid_api_key",
             )  # fmt: skip
         user = dict(status.get("user") or {})

@@ -17,19 +17,20 @@ import json
 import logging
 import mmap
 import os
+import re
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from kubelora.api.v1alpha1 import InvalidObjectError, validate_lorajob
-from kubelora.selfservice.catalogue import Catalogue
+from kubelora.api.v1alpha1 import InvalidObjectError, ServingTarget, validate_adapterdeployment, validate_lorajob
+from kubelora.selfservice.catalogue import SERVED_NAME, SERVED_NAME_MAX, Catalogue, endpoint_host
 from kubelora.selfservice.kube import ApiError, Caller, Kube, not_found
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,14 @@ JOBS_DIR = "jobs/"
 BASE_LEARNING_RATE = 2.0e-4
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+#: The largest JSON request body (job creation, chat completions): 413 above it.
+MAX_BODY_BYTES = 1 << 20
+#: The largest reply the API relays from a model server: 502 above it.
+MAX_UPSTREAM_BYTES = 16 << 20
+#: Room for the multipart framing around the file part of an upload.
+MULTIPART_SLACK = 64 * 1024
+#: A job id: the LoRAJob's name, and a key in the tenant bucket (jobs/<id>/...).
+JOB_ID = re.compile(r"^ftjob-[a-z0-9]{1,40}$")
 
 
 # ------------------------------------------------------------------------------------------------------------- helpers
@@ -61,13 +70,23 @@ def _new_id(prefix: str) -> str:
 class Tenant:
     """The caller's storage: bucket, prefix and a client, from the namespace's storage Secret."""
 
-    def __init__(self, secret_name: str, values: dict[str, str]) -> None:
+    def __init__(self, secret_name: str, values: dict[str, str], allowed_endpoints: Sequence[str] = ()) -> None:
         from kubelora.storage import QUICK_TIMEOUTS, make_client
 
         missing = [k for k in ("accessKey", "secretKey", "endpoint", "bucket") if not values.get(k)]
         if missing:
             raise ApiError(
                 500, f"Storage Secret {secret_name} lacks {', '.join(missing)}", type_="server_error", code="storage"
+            )
+        # The API connects to this endpoint from inside the cluster: a tenant who may edit its Secret must not
+        # point it at anything else the API can reach.
+        if allowed_endpoints and endpoint_host(values["endpoint"]) not in {endpoint_host(e) for e in allowed_endpoints}:
+            raise ApiError(
+                403,
+                f"Storage Secret {secret_name} names an endpoint the platform catalogue does not allow "
+                "(allowedStorageEndpoints)",
+                type_="permission_error",
+                code="storage_endpoint_not_allowed",
             )
         self.secret_name = secret_name
         self.bucket = values["bucket"]
@@ -100,8 +119,8 @@ class Tenant:
 # ------------------------------------------------------------------------------------------------------------- uploads
 
 
-def _multipart(body: Path, content_type: str) -> tuple[dict[str, str], tuple[str, int, int] | None]:
-    """Fields and the ``file`` part (filename, start, end offsets in ``body``) of a multipart/form-data body."""
+def _boundary(content_type: str) -> str:
+    """The boundary of a multipart/form-data Content-Type; ApiError 400 for any other body."""
     boundary = None
     for part in content_type.split(";")[1:]:
         key, _, value = part.strip().partition("=")
@@ -109,7 +128,12 @@ def _multipart(body: Path, content_type: str) -> tuple[dict[str, str], tuple[str
             boundary = value.strip('"')
     if not content_type.lower().startswith("multipart/form-data") or not boundary:
         raise ApiError(400, "Expected a multipart/form-data upload", code="invalid_upload")
-    delimiter = b"--" + boundary.encode()
+    return boundary
+
+
+def _multipart(body: Path, content_type: str) -> tuple[dict[str, str], tuple[str, int, int] | None]:
+    """Fields and the ``file`` part (filename, start, end offsets in ``body``) of a multipart/form-data body."""
+    delimiter = b"--" + _boundary(content_type).encode()
     fields: dict[str, str] = {}
     file_part: tuple[str, int, int] | None = None
     if body.stat().st_size == 0:
@@ -140,20 +164,44 @@ def _multipart(body: Path, content_type: str) -> tuple[dict[str, str], tuple[str
             if name == "file":
                 file_part = (filename or "upload.jsonl", content_start, next_pos)
             elif name:
+                if next_pos - content_start > MULTIPART_SLACK:
+                    raise ApiError(400, f"The form field {name} is too long", param=name, code="invalid_upload")
                 fields[name] = data[content_start:next_pos].decode("utf-8", "replace")
             pos = next_pos + 2
     return fields, file_part
 
 
-def _validate_jsonl(path: Path, filename: str, fmt: str) -> None:
-    """The trainer's own row checks; ApiError 400 naming file and line of the first bad row."""
-    from kubelora.trainer.data import read_jsonl
+def _validate_jsonl(path: Path, filename: str, fmt: str, start: int = 0, end: int | None = None) -> int:
+    """The trainer's own row checks, row by row, on bytes [start, end) of ``path``; the number of rows.
+    ApiError 400 naming file and line of the first bad row."""
+    from kubelora.trainer.data import validate_jsonl
     from kubelora.trainer.errors import MalformedDatasetError
 
     try:
-        read_jsonl(path, fmt, name=filename)
+        return validate_jsonl(path, fmt, name=filename, start=start, end=end)
     except MalformedDatasetError as exc:
         raise ApiError(400, f"Invalid training file: {exc}", param="file", code="invalid_file_format") from None
+
+
+class _Range:
+    """Bytes [start, end) of an open file as a readable stream (the file part of an upload, for put_object)."""
+
+    def __init__(self, f: BinaryIO, start: int, end: int) -> None:
+        f.seek(start)
+        self.f = f
+        self.remaining = end - start
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.remaining <= 0:
+            return b""
+        n = self.remaining if size is None or size < 0 else min(size, self.remaining)
+        chunk = self.f.read(n)
+        self.remaining -= len(chunk)
+        return chunk
+
+
+def _too_large(limit: int, what: str = "The request body", param: str | None = None, code: str = "") -> ApiError:
+    return ApiError(413, f"{what} is larger than the limit of {limit} bytes", param=param, code=code or None)
 
 
 # ------------------------------------------------------------------------------------------------------------- app
@@ -164,6 +212,10 @@ class SelfService:
         self.kube = kube
         self.catalogue = catalogue
         self.workdir = workdir
+        self.max_body_bytes = MAX_BODY_BYTES
+        self.max_upstream_bytes = MAX_UPSTREAM_BYTES
+        #: httpx transport to the model servers (tests put a mock here); None: the network.
+        self.upstream_transport: Any = None
 
     # -------------------------------------------------------------------------------- auth and tenancy
 
@@ -185,7 +237,7 @@ class SelfService:
                 "there (accessKey, secretKey, endpoint, bucket, prefix)",
                 code="storage_not_configured",
             )
-        return Tenant(name, values)
+        return Tenant(name, values, self.catalogue.allowed_storage_endpoints)
 
     # -------------------------------------------------------------------------------- files
 
@@ -210,38 +262,31 @@ class SelfService:
             raise not_found("file", file_id, param)
         return dict(meta)
 
-    def store_upload(self, caller: Caller, body: Path, content_type: str) -> dict[str, Any]:
+    def upload_tenant(self, caller: Caller) -> Tenant:
+        """Who may upload and where the file goes: checked before the API reads a byte of the upload."""
         self.kube.authorize(caller, "create", "lorajobs")
-        tenant = self.tenant(caller)
+        return self.tenant(caller)
+
+    def store_upload(self, caller: Caller, tenant: Tenant, body: Path, content_type: str) -> dict[str, Any]:
+        """Check and store the file part of an upload spooled to ``body`` (checked and sent by offset, no copy)."""
         fields, part = _multipart(body, content_type)
         if fields.get("purpose") != "fine-tune":
             raise ApiError(400, "Only purpose=fine-tune is supported", param="purpose", code="invalid_purpose")
         if part is None:
             raise ApiError(400, "Missing the file part", param="file", code="invalid_upload")
         filename, start, end = part
-        if end - start > self.catalogue.max_file_bytes:
-            raise ApiError(
-                413,
-                f"The file is larger than the limit of {self.catalogue.max_file_bytes} bytes",
-                param="file",
-                code="file_too_large",
-            )
-        with tempfile.NamedTemporaryFile(suffix=".jsonl", dir=self.workdir) as tmp:
-            with body.open("rb") as src:
-                src.seek(start)
-                remaining = end - start
-                while remaining > 0:
-                    chunk = src.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        break
-                    tmp.write(chunk)
-                    remaining -= len(chunk)
-            tmp.flush()
-            _validate_jsonl(Path(tmp.name), filename, "chat")
-            file_id = _new_id("file")
-            size = end - start
-            tenant.client.fput_object(
-                tenant.bucket, tenant.key(FILES_DIR, f"{file_id}.jsonl"), tmp.name, content_type="application/jsonl"
+        size = end - start
+        if size > self.catalogue.max_file_bytes:
+            raise _too_large(self.catalogue.max_file_bytes, "The file", "file", "file_too_large")
+        rows = _validate_jsonl(body, filename, "chat", start, end)
+        file_id = _new_id("file")
+        with body.open("rb") as src:
+            tenant.client.put_object(
+                tenant.bucket,
+                tenant.key(FILES_DIR, f"{file_id}.jsonl"),
+                _Range(src, start, end),
+                size,
+                content_type="application/jsonl",
             )
         meta = {
             "id": file_id,
@@ -252,7 +297,7 @@ class SelfService:
             "namespace": caller.namespace,
         }
         tenant.put_json(tenant.key(FILES_DIR, f"{file_id}.json"), meta)
-        log.info("Stored file namespace=%s file=%s bytes=%d", caller.namespace, file_id, size)
+        log.info("Stored file namespace=%s file=%s bytes=%d rows=%d", caller.namespace, file_id, size, rows)
         return self.file_object(meta)
 
     def get_file(self, caller: Caller, file_id: str) -> dict[str, Any]:
@@ -319,8 +364,12 @@ class SelfService:
         if pool_name is not None:
             self.kube.authorize(caller, "create", "adapterdeployments")
         suffix = body.get("suffix")
-        if suffix is not None and (not isinstance(suffix, str) or len(suffix) > 64):
-            raise ApiError(400, "suffix must be a string of at most 64 characters", param="suffix")
+        if suffix is not None and (not isinstance(suffix, str) or len(suffix) > 64 or not SERVED_NAME.match(suffix)):
+            raise ApiError(
+                400,
+                "suffix must be at most 64 of the characters A-Z a-z 0-9 . _ / -, starting with a letter or digit",
+                param="suffix",
+            )
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ApiError(400, "metadata must map strings to strings", param="metadata")
@@ -376,6 +425,13 @@ class SelfService:
         served_name = None
         if pool_name is not None:
             served_name = f"ft/{model_name}/{suffix + '-' if suffix else ''}{name.removeprefix('ftjob-')}"
+            if len(served_name) > SERVED_NAME_MAX or not SERVED_NAME.match(served_name):
+                raise ApiError(
+                    400,
+                    f"The served name {served_name!r} would be longer than {SERVED_NAME_MAX} characters or invalid: "
+                    "use a shorter suffix",
+                    param="suffix",
+                )
         annotations = {
             ANN + "model": model_name,
             ANN + "training-file": training_file,
@@ -400,29 +456,58 @@ class SelfService:
             validate_lorajob(manifest)
         except InvalidObjectError as exc:
             raise ApiError(400, "; ".join(exc.causes), code="invalid_job") from None
-        created = self.kube.create_custom(caller.namespace, "lorajobs", manifest)
-        ad = None
+        ad_manifest: dict[str, Any] | None = None
+        ad_metadata: dict[str, Any] = {"name": name, "labels": {LABEL: LABEL_VALUE}}
         if pool_name is not None and served_name is not None:
             pool = self.catalogue.serving_pools[pool_name]
-            owner = {
-                "apiVersion": "kubelora.dev/v1alpha1",
-                "kind": "LoRAJob",
-                "name": name,
-                "uid": created["metadata"]["uid"],
-            }
             ad_spec: dict[str, Any] = {"adapter": {"loraJob": name}, "servedName": served_name, "target": pool.target}
             if pool.rollout:
                 ad_spec["rollout"] = pool.rollout
-            ad = self.kube.create_custom(
-                caller.namespace,
-                "adapterdeployments",
+            ad_manifest = {
+                "apiVersion": "kubelora.dev/v1alpha1",
+                "kind": "AdapterDeployment",
+                "metadata": ad_metadata,
+                "spec": ad_spec,
+            }
+            # Checked before the LoRAJob exists: a job is never left without the deployment it asked for.
+            try:
+                validate_adapterdeployment(ad_manifest)
+            except InvalidObjectError as exc:
+                raise ApiError(400, "; ".join(exc.causes), param="kubelora.serving_pool", code="invalid_job") from None
+        created = self.kube.create_custom(caller.namespace, "lorajobs", manifest)
+        ad = None
+        if ad_manifest is not None:
+            ad_metadata["ownerReferences"] = [
                 {
                     "apiVersion": "kubelora.dev/v1alpha1",
-                    "kind": "AdapterDeployment",
-                    "metadata": {"name": name, "labels": {LABEL: LABEL_VALUE}, "ownerReferences": [owner]},
-                    "spec": ad_spec,
-                },
-            )
+                    "kind": "LoRAJob",
+                    "name": name,
+                    "uid": created["metadata"]["uid"],
+                    "controller": True,
+                }
+            ]
+            try:
+                ad = self.kube.create_custom(caller.namespace, "adapterdeployments", ad_manifest)
+            except Exception as exc:
+                reason = getattr(exc, "reason", None) or type(exc).__name__
+                log.error("Cannot create the AdapterDeployment, deleting the job job=%s error=%s", name, exc)
+                try:
+                    self.kube.delete_custom(caller.namespace, "lorajobs", name)
+                except Exception as cleanup:
+                    log.error("Cannot delete the LoRAJob job=%s error=%s", name, cleanup)
+                    raise ApiError(
+                        500,
+                        f"Could not create the AdapterDeployment for {name} ({reason}); LoRAJob {name} could not "
+                        "be deleted either and will train without being deployed: cancel it",
+                        type_="server_error",
+                        code="deployment_failed",
+                    ) from None
+                raise ApiError(
+                    500,
+                    f"Could not create the AdapterDeployment for the job ({reason}); no job was created",
+                    type_="server_error",
+                    code="deployment_failed",
+                ) from None
         log.info(
             "Created fine-tuning job namespace=%s job=%s model=%s pool=%s",
             caller.namespace,
@@ -433,17 +518,49 @@ class SelfService:
         return self.job_object(caller, created, ad)
 
     def lorajob(self, caller: Caller, job_id: str) -> dict[str, Any]:
+        """The job's LoRAJob or, for a job cancelled before it started (its LoRAJob deleted), its last state."""
         obj = None
-        if job_id.startswith("ftjob-"):
+        if JOB_ID.match(job_id):
             obj = self.kube.get_custom(caller.namespace, "lorajobs", job_id)
+            if obj is None:
+                obj = self.cancelled_record(caller, job_id)
         if obj is None or (obj["metadata"].get("labels") or {}).get(LABEL) != LABEL_VALUE:
             raise not_found("fine-tuning job", job_id)
         return obj
 
-    def adapter_deployment(self, caller: Caller, lorajob: dict[str, Any]) -> dict[str, Any] | None:
-        if ANN + "serving-pool" not in lorajob["metadata"].get("annotations", {}):
+    def cancelled_record(self, caller: Caller, job_id: str, tenant: Tenant | None = None) -> dict[str, Any] | None:
+        """``jobs/<id>/cancelled.json``: the LoRAJob of a job cancelled before its run, as cancel left it."""
+        try:
+            tenant = tenant or self.tenant(caller)
+            record = tenant.get_json(tenant.key(JOBS_DIR, f"{job_id}/cancelled.json"))
+        except ApiError:
             return None
-        return self.kube.get_custom(caller.namespace, "adapterdeployments", lorajob["metadata"]["name"])
+        except Exception as exc:
+            log.warning("Cannot read the cancelled job record job=%s error=%s", job_id, exc)
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("metadata"), dict):
+            return None
+        meta = record["metadata"]
+        if meta.get("name") != job_id or ANN + "cancelled-at" not in (meta.get("annotations") or {}):
+            return None
+        if not isinstance(record.get("spec"), dict) or not isinstance(record.get("status") or {}, dict):
+            return None
+        return record
+
+    @staticmethod
+    def owned_by(ad: dict[str, Any], lorajob: dict[str, Any]) -> bool:
+        """Whether ``ad``'s controller is ``lorajob`` (both tenant-editable; the uid ties them together)."""
+        uid = lorajob["metadata"].get("uid")
+        return bool(uid) and any(
+            ref.get("kind") == "LoRAJob" and ref.get("controller") is True and ref.get("uid") == uid
+            for ref in ad["metadata"].get("ownerReferences") or []
+        )
+
+    def adapter_deployment(self, caller: Caller, lorajob: dict[str, Any]) -> dict[str, Any] | None:
+        if ANN + "serving-pool" not in (lorajob["metadata"].get("annotations") or {}):
+            return None
+        ad = self.kube.get_custom(caller.namespace, "adapterdeployments", lorajob["metadata"]["name"])
+        return ad if ad is not None and self.owned_by(ad, lorajob) else None
 
     def report(self, caller: Caller, lorajob: dict[str, Any]) -> dict[str, Any] | None:
         """The trainer's result.json for this LoRAJob (under its UID), when it published one."""
@@ -576,7 +693,46 @@ class SelfService:
                     for k, v in metadata.items()
                 )
             ]
-        return self._page([self.job_object(caller, o, None) for o in items], after, limit)
+        ads = {
+            ad["metadata"]["name"]: ad
+            for ad in self.kube.list_custom(caller.namespace, "adapterdeployments", f"{LABEL}={LABEL_VALUE}")
+        }
+        jobs = []
+        for o in items:
+            ad = ads.get(o["metadata"]["name"])
+            pooled = ANN + "serving-pool" in (o["metadata"].get("annotations") or {})
+            jobs.append(self.job_object(caller, o, ad if pooled and ad is not None and self.owned_by(ad, o) else None))
+        live = {o["metadata"]["name"] for o in items}
+        for record in self.cancelled_records(caller, live):
+            if all(
+                json.loads(record["metadata"].get("annotations", {}).get(ANN + "metadata", "{}")).get(k) == v
+                for k, v in metadata.items()
+            ):
+                jobs.append(self.job_object(caller, record, None))
+        jobs.sort(key=lambda j: (j["created_at"], j["id"]), reverse=True)
+        return self._page(jobs, after, limit)
+
+    def cancelled_records(self, caller: Caller, live: set[str]) -> list[dict[str, Any]]:
+        """The records of the jobs cancelled before they started (no LoRAJob left) in the tenant bucket."""
+        try:
+            tenant = self.tenant(caller)
+        except ApiError:
+            return []  # no storage: no files, so no job was ever created
+        prefix = tenant.key(JOBS_DIR)
+        out = []
+        try:
+            names = [obj.object_name for obj in tenant.client.list_objects(tenant.bucket, prefix=prefix)]
+        except Exception as exc:
+            log.warning("Cannot list the cancelled job records namespace=%s error=%s", caller.namespace, exc)
+            return []
+        for name in names:
+            job_id = name[len(prefix) :].strip("/")
+            if not JOB_ID.match(job_id) or job_id in live:
+                continue
+            record = self.cancelled_record(caller, job_id, tenant)
+            if record is not None:
+                out.append(record)
+        return out
 
     @staticmethod
     def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
@@ -590,24 +746,31 @@ class SelfService:
         self.kube.authorize(caller, "patch", "lorajobs")
         lorajob = self.lorajob(caller, job_id)
         status = lorajob.get("status") or {}
-        if status.get("phase") in ("Succeeded", "Failed") or ANN + "cancelled-at" in lorajob["metadata"].get(
-            "annotations", {}
+        if status.get("phase") in ("Succeeded", "Failed") or ANN + "cancelled-at" in (
+            lorajob["metadata"].get("annotations") or {}
         ):
             raise ApiError(400, f"Job {job_id} has already finished and cannot be cancelled", code="job_finished")
+        job_name = status.get("jobName")
+        # The API deletes with its own rights: the caller must hold the right to delete what goes.
+        if job_name:
+            self.kube.authorize(caller, "delete", "jobs", group="batch")
+        else:
+            self.kube.authorize(caller, "delete", "lorajobs")
+        tenant = None if job_name else self.tenant(caller)
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         lorajob = self.kube.patch_custom(
             caller.namespace, "lorajobs", job_id, {"metadata": {"annotations": {ANN + "cancelled-at": now}}}
         )
-        job_name = status.get("jobName")
         if job_name:
             # The operator never starts a second run for a LoRAJob whose Job vanished: the run ends here.
             self.kube.delete_job(caller.namespace, job_name)
-        else:
-            # No run yet: nothing to stop but the LoRAJob itself, or the operator would start one.
+        elif tenant is not None:
+            # No run yet: nothing to stop but the LoRAJob itself, or the operator would start one. Its last state
+            # is kept first, so the job can still be retrieved and listed.
+            tenant.put_json(tenant.key(JOBS_DIR, f"{job_id}/cancelled.json"), lorajob)
             self.kube.delete_custom(caller.namespace, "lorajobs", job_id)
-            self.tenant(caller).put_json(self.tenant(caller).key(JOBS_DIR, f"{job_id}/cancelled.json"), lorajob)
         log.info("Cancelled fine-tuning job namespace=%s job=%s run=%s", caller.namespace, job_id, job_name)
-        return self.job_object(caller, lorajob, None)
+        return self.job_object(caller, lorajob, self.adapter_deployment(caller, lorajob))
 
     def job_events(self, caller: Caller, job_id: str, after: str | None, limit: int) -> dict[str, Any]:
         self.kube.authorize(caller, "get", "lorajobs")
@@ -745,35 +908,79 @@ class SelfService:
     # -------------------------------------------------------------------------------- serving
 
     def upstream(self, caller: Caller, served_name: str) -> str:
-        """The base URL of a vLLM server that serves ``served_name`` for the caller's namespace."""
+        """The base URL of a vLLM server that serves ``served_name`` for the caller's namespace.
+
+        The AdapterDeployments and LoRAJobs are the tenant's to edit, so a deployment is only followed when it is
+        the one the API made: controlled by the API's LoRAJob (same uid), onto that job's catalogue pool, with the
+        pool's target unchanged; the port is the pool's.
+        """
         self.kube.authorize(caller, "get", "adapterdeployments")
+        not_ready: ApiError | None = None
         for ad in self.kube.list_custom(caller.namespace, "adapterdeployments", f"{LABEL}={LABEL_VALUE}"):
-            if ad["spec"].get("servedName") != served_name:
+            if (ad.get("spec") or {}).get("servedName") != served_name:
+                continue
+            owner = next(
+                (r for r in ad["metadata"].get("ownerReferences") or [] if r.get("controller") is True),
+                None,
+            )
+            if owner is None or owner.get("kind") != "LoRAJob" or not JOB_ID.match(str(owner.get("name", ""))):
+                continue
+            lorajob = self.kube.get_custom(caller.namespace, "lorajobs", str(owner["name"]))
+            if (
+                lorajob is None
+                or (lorajob["metadata"].get("labels") or {}).get(LABEL) != LABEL_VALUE
+                or not self.owned_by(ad, lorajob)
+            ):
+                continue
+            pool = self.catalogue.serving_pools.get(
+                (lorajob["metadata"].get("annotations") or {}).get(ANN + "serving-pool", "")
+            )
+            if pool is None:
+                continue
+            try:
+                same_target = ServingTarget.model_validate(ad["spec"].get("target") or {}) == pool.validated_target()
+            except ValueError:
+                same_target = False
+            if not same_target:
+                log.warning(
+                    "AdapterDeployment target differs from its pool, not routing namespace=%s name=%s",
+                    caller.namespace,
+                    ad["metadata"]["name"],
+                )
                 continue
             status = ad.get("status") or {}
-            owner: dict[str, Any] = next(iter(ad["metadata"].get("ownerReferences") or []), {})
-            lorajob = self.kube.get_custom(caller.namespace, "lorajobs", owner.get("name", ad["metadata"]["name"]))
-            pool = self.catalogue.serving_pools.get(
-                ((lorajob or {}).get("metadata", {}).get("annotations") or {}).get(ANN + "serving-pool", "")
-            )
-            if pool is not None and pool.endpoint:
-                return pool.endpoint.rstrip("/")
-            port = int(ad["spec"]["target"].get("port", 8000))
+            phase = status.get("phase", "Pending")
+            if pool.endpoint:
+                if phase == "Ready":
+                    return pool.endpoint.rstrip("/")
+                not_ready = ApiError(
+                    503,
+                    f"Model {served_name} is not being served yet (deployment phase {phase})",
+                    type_="server_error",
+                    code="not_ready",
+                )
+                continue
+            port = pool.validated_target().port
             active = status.get("activeDigest")
             replicas = status.get("replicas") or []
             for replica in replicas:
-                if replica.get("state") == "Loaded" and (active is None or replica.get("digest") in (None, active)):
-                    ip = self.kube.pod_ip(caller.namespace, replica["pod"])
+                if (
+                    replica.get("state") == "Loaded"
+                    and replica.get("pod")
+                    and (active is None or replica.get("digest") in (None, active))
+                ):
+                    ip = self.kube.pod_ip(caller.namespace, str(replica["pod"]))
                     if ip:
                         return f"http://{ip}:{port}"
             loaded = [(r.get("pod"), r.get("state")) for r in replicas]
-            raise ApiError(
+            not_ready = ApiError(
                 503,
-                f"Model {served_name} is not being served yet (deployment phase {status.get('phase', 'Pending')}, "
-                f"pods {loaded})",
+                f"Model {served_name} is not being served yet (deployment phase {phase}, pods {loaded})",
                 type_="server_error",
                 code="not_ready",
             )
+        if not_ready is not None:
+            raise not_ready
         raise not_found("model", served_name, "model")
 
 
@@ -801,9 +1008,24 @@ def create_app(service: SelfService) -> FastAPI:
         except ValueError:
             raise ApiError(400, f"{name} must be an integer", param=name) from None
 
+    def declared_length(request: Request) -> int | None:
+        declared = request.headers.get("content-length")
+        return int(declared) if declared is not None and declared.strip().isdigit() else None
+
     async def json_body(request: Request) -> dict[str, Any]:
+        """The JSON object in the body, read only after the caller is authenticated, at most max_body_bytes."""
+        limit = service.max_body_bytes
+        declared = declared_length(request)
+        if declared is not None and declared > limit:
+            raise _too_large(limit, code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # a chunked body, or one longer than it said
+                raise _too_large(limit, code="request_too_large")
+            chunks.append(chunk)
         try:
-            body = await request.json()
+            body = json.loads(b"".join(chunks))
         except ValueError:
             raise ApiError(400, "The request body is not JSON") from None
         if not isinstance(body, dict):
@@ -816,13 +1038,15 @@ def create_app(service: SelfService) -> FastAPI:
 
     @app.post("/v1/files")
     async def upload(request: Request) -> Any:
+        # Authenticated, authorized and the tenant's storage found before a byte of the body is read.
         caller = await run_in_threadpool(service.caller, request)
+        tenant = await run_in_threadpool(service.upload_tenant, caller)
+        content_type = request.headers.get("content-type", "")
+        _boundary(content_type)
         limit = service.catalogue.max_file_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
-            raise ApiError(
-                413, f"The upload is larger than the limit of {limit} bytes", param="file", code="file_too_large"
-            )
+        declared = declared_length(request)
+        if declared is not None and declared > limit + MULTIPART_SLACK:
+            raise _too_large(limit, "The upload", "file", "file_too_large")
         fd, name = tempfile.mkstemp(suffix=".upload", dir=service.workdir)
         path = Path(name)
         try:
@@ -830,18 +1054,10 @@ def create_app(service: SelfService) -> FastAPI:
             with os.fdopen(fd, "wb") as out:
                 async for chunk in request.stream():
                     size += len(chunk)
-                    if size > limit + 64 * 1024:  # room for the multipart framing
-                        raise ApiError(
-                            413,
-                            f"The upload is larger than the limit of {limit} bytes",
-                            param="file",
-                            code="file_too_large",
-                        )
+                    if size > limit + MULTIPART_SLACK:
+                        raise _too_large(limit, "The upload", "file", "file_too_large")
                     await asyncio.to_thread(out.write, chunk)
-            result = await run_in_threadpool(
-                service.store_upload, caller, path, request.headers.get("content-type", "")
-            )
-            return result
+            return await run_in_threadpool(service.store_upload, caller, tenant, path, content_type)
         finally:
             path.unlink(missing_ok=True)
 
@@ -859,8 +1075,9 @@ def create_app(service: SelfService) -> FastAPI:
 
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(request: Request) -> Any:
+        caller = await run_in_threadpool(service.caller, request)
         body = await json_body(request)
-        return await call(request, service.create_job, body)
+        return await run_in_threadpool(service.create_job, caller, body)
 
     @app.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request) -> Any:
@@ -908,17 +1125,39 @@ def create_app(service: SelfService) -> FastAPI:
     async def proxy(request: Request, path: str) -> Response:
         import httpx
 
+        caller = await run_in_threadpool(service.caller, request)
         body = await json_body(request)
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "model is required", param="model", code="missing_required_parameter")
         if body.get("stream"):
             raise ApiError(400, "stream=true is not supported through the fine-tuning API", param="stream")
-        base = await call(request, service.upstream, model)
-        async with httpx.AsyncClient(timeout=120) as client:
-            upstream = await client.post(f"{base}{path}", json=body)
+        base = await run_in_threadpool(service.upstream, caller, model)
+        limit = service.max_upstream_bytes
+        try:
+            async with (
+                httpx.AsyncClient(timeout=120, transport=service.upstream_transport) as client,
+                client.stream("POST", f"{base}{path}", json=body) as upstream,
+            ):
+                chunks, size = [], 0
+                async for chunk in upstream.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        log.warning("Model server reply over the limit model=%s limit=%d", model, limit)
+                        raise ApiError(
+                            502,
+                            f"The model server's reply is larger than the limit of {limit} bytes",
+                            type_="server_error",
+                            code="upstream_too_large",
+                        )
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            log.warning("Model server unreachable model=%s error=%s", model, exc)
+            raise ApiError(
+                502, f"The model server did not answer: {type(exc).__name__}", type_="server_error", code="upstream"
+            ) from None
         return Response(
-            upstream.content,
+            b"".join(chunks),
             status_code=upstream.status_code,
             media_type=upstream.headers.get("content-type", "application/json"),
         )
@@ -934,20 +1173,23 @@ def create_app(service: SelfService) -> FastAPI:
     return app
 
 
-def run(host: str, port: int, catalogue_path: Path | None, kubeconfig: Path | None) -> None:
-    """Serve the API (``kubelora api``)."""
+def run(
+    host: str, port: int, catalogue_path: Path | None, kubeconfig: Path | None, audience: str | None = None
+) -> None:
+    """Serve the API (``kubelora api``); ``audience`` (else the catalogue's) is what callers' tokens must carry."""
     import uvicorn
 
     from kubelora.selfservice.catalogue import load
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     catalogue = load(catalogue_path)
-    service = SelfService(Kube(kubeconfig), catalogue)
+    service = SelfService(Kube(kubeconfig, audience=audience or catalogue.audience), catalogue)
     log.info(
-        "Serving the self-service API host=%s port=%d models=%d pools=%d",
+        "Serving the self-service API host=%s port=%d models=%d pools=%d audience=%s",
         host,
         port,
         len(catalogue.models),
         len(catalogue.serving_pools),
+        service.kube.audience or "<api server>",
     )
     uvicorn.run(create_app(service), host=host, port=port, log_level="info")

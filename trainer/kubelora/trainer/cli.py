@@ -5,6 +5,10 @@ Runs config → fetch → model and tokenizer → data → train → evaluate �
 the gates passed; ``--gates-failed-exit-code`` makes failed gates exit non-zero), 1 an error a retry
 may fix, 3 an error a retry cannot fix (bad spec or data, model does not fit), 2 bad command line,
 143 stopped by SIGTERM after saving a checkpoint. Every error also writes an ``error`` event.
+
+Under torchrun every rank exits with rank 0's code: once training is over the other ranks wait for rank 0 to
+evaluate and publish (:func:`kubelora.trainer.distributed.agree_exit_code`), so a multi-node Job's pods end
+together and a retry starts all of them again.
 """
 
 from __future__ import annotations
@@ -31,6 +35,34 @@ from kubelora.trainer.errors import EXIT_SUCCEEDED, InvalidSpecError, StorageErr
 from kubelora.trainer.report import Reporter, kv, setup_logging
 
 log = logging.getLogger("kubelora.trainer")
+
+#: Tests: rank 0 raises when it starts publishing, after training (a failure no retry of the step would see).
+FAIL_PUBLISH_ENV = "KUBELORA_DEBUG_FAIL_PUBLISH"
+
+
+@dataclasses.dataclass
+class RunState:
+    """How far the pipeline got on this rank: once ``trained``, every rank agrees on rank 0's exit code."""
+
+    trained: bool = False
+
+
+def check_layout(spec: Any, layout: config_mod.Layout) -> None:
+    """Refuse, before any weights move, what this layout cannot run (a retry would not help: exit code 3).
+
+    FSDP with ``spec.eval``: FSDP shards the model in place across the ranks, and the evaluation runs on rank 0
+    alone after training, so its forward passes would wait for all-gathers the other ranks never join.
+    Evaluating under FSDP needs the base reloaded on rank 0 with the trained adapter (not done yet).
+    """
+    if layout.strategy == "FSDP" and spec.eval is not None:
+        raise InvalidSpecError(
+            f"spec.eval is not supported when training uses FSDP (this run: {layout.world_size} processes, "
+            f"{layout.nodes} node(s), FSDP because the model does not fit one GPU): FSDP shards the model across "
+            "the processes and evaluation runs on rank 0 alone after training, which would hang; remove spec.eval "
+            "and evaluate the published adapter with a separate LoRAJob or serving, or give each process a GPU "
+            "the model fits on (DDP)"
+        )
+
 
 T = TypeVar("T")
 
@@ -77,8 +109,14 @@ def _read_dataset(uri: str, role: str, cfg: config_mod.TrainerConfig, fmt: str) 
     return data.read_jsonl(path, fmt, name=name, uri=uri, max_bad_rows=cfg.spec.dataset.max_bad_rows)
 
 
-def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exit_code: int = 0) -> int:
+def pipeline(
+    cfg: config_mod.TrainerConfig,
+    reporter: Reporter,
+    gates_failed_exit_code: int = 0,
+    state: RunState | None = None,
+) -> int:
     spec = cfg.spec
+    state = state if state is not None else RunState()
     rt = modeling.choose_runtime(spec.method)
     reporter.phase("Training", step="fetch")
 
@@ -97,6 +135,7 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
     )
     # processes and batch: refuse a world size that cannot keep the spec's global batch before weights move
     cfg.layout = run_layout(cfg, base_config, layers, rt)
+    check_layout(spec, cfg.layout)
     reporter.training = cfg.layout.to_dict()
     reporter.info("layout", "Training layout", **reporter.training)
 
@@ -181,8 +220,9 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
     reporter.phase("Training", step="train")
     fingerprint = _fingerprint(cfg, config_sha, datasets)
     outcome = train.run(cfg, model, tok, train_rows, val_rows, rt, reporter, fingerprint)
+    state.trained = True  # from here on, every rank leaves with rank 0's exit code (main)
     if not distributed.is_main_process():
-        # Evaluation, publishing and the result are rank 0's; this rank's part is done.
+        # Evaluation, publishing and the result are rank 0's; this rank waits for its exit code (main).
         log.info(kv("Training done on this rank", rank=distributed.rank(), step=outcome.global_step))
         return EXIT_SUCCEEDED
 
@@ -202,6 +242,8 @@ def pipeline(cfg: config_mod.TrainerConfig, reporter: Reporter, gates_failed_exi
 
     # publish
     reporter.phase("Publishing")
+    if os.environ.get(FAIL_PUBLISH_ENV):
+        raise RuntimeError(f"{FAIL_PUBLISH_ENV} is set: failing on purpose before publishing")
     merged_dir = None
     if spec.output.merged_model:
         merged_dir = publish_merged(cfg, base.directory, outcome.adapter_dir, tok, rt, datasets)
@@ -337,6 +379,39 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     # The ranks share the report file and the output: only rank 0 writes them.
     reporter = Reporter(args.report_file, enabled=main_process)
+    state = RunState()
+    try:
+        code = _run(args, workdir, reporter, state)
+        if state.trained:
+            code = _agree_exit_code(code)
+    finally:
+        reporter.close()
+        try:
+            distributed.shutdown()
+        except Exception as e:  # a peer that died already: nothing left to tear down cleanly
+            log.warning(kv("Cannot leave the process group", error=str(e)))
+        if tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+    distributed.record_exit_code(code)  # for the launcher: torchrun alone would exit 1
+    return code
+
+
+def _agree_exit_code(code: int) -> int:
+    """Every rank leaves with rank 0's exit code (see :func:`distributed.agree_exit_code`). A rank that cannot
+    hear from rank 0 (it died) leaves with 1, retryable."""
+    try:
+        agreed = distributed.agree_exit_code(code)
+    except Exception as e:
+        log.error(kv("No exit code from rank 0", rank=distributed.rank(), error=str(e)))
+        return code if (distributed.is_main_process() or code) else 1
+    if agreed != code:
+        log.warning(kv("Leaving with rank 0's exit code", rank=distributed.rank(), exitCode=agreed, own=code))
+    return agreed
+
+
+def _run(args: argparse.Namespace, workdir: Path, reporter: Reporter, state: RunState) -> int:
+    """The run up to its exit code; an error becomes an ``error`` event (rank 0) and its exit code."""
+    main_process = distributed.is_main_process()
     try:
         distributed.init_process_group()
         cfg = config_mod.load(args.spec, workdir=workdir, report_file=args.report_file)
@@ -358,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                 worldSize=distributed.world_size(),
             )
         )
-        return pipeline(cfg, reporter, args.gates_failed_exit_code)
+        return pipeline(cfg, reporter, args.gates_failed_exit_code, state)
     except TrainerError as e:
         reporter.error(e.reason, e.message)
         return e.exit_code
@@ -370,11 +445,3 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         reporter.error("InternalError", f"{type(e).__name__}: {e}")
         return 1
-    finally:
-        reporter.close()
-        try:
-            distributed.shutdown()
-        except Exception as e:  # a peer that died already: nothing left to tear down cleanly
-            log.warning(kv("Cannot leave the process group", error=str(e)))
-        if tmp:
-            shutil.rmtree(workdir, ignore_errors=True)

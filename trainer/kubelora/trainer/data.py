@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,43 +119,80 @@ def _row_problem(obj: Any, fmt: str) -> tuple[str | None, Example | None]:
     return None, Example("", text=obj["text"])
 
 
+def _rows(lines: Iterable[bytes], fmt: str, name: str, max_bad_rows: int, bad: list[str]) -> Iterator[Example]:
+    """The usable rows of JSONL ``lines``, one at a time (``source`` is ``name:line``). A malformed row is
+    appended to ``bad`` and skipped; MalformedDatasetError once more than ``max_bad_rows`` rows are malformed."""
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            obj = json.loads(line)
+            problem, ex = _row_problem(obj, fmt)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            problem, ex = f"invalid JSON: {getattr(e, 'msg', e)}", None
+        if problem is not None or ex is None:
+            bad.append(f"{where}: {problem}")
+            if len(bad) > max_bad_rows:
+                msg = bad[-1]
+                if max_bad_rows:
+                    earlier = ", ".join(b.split(": ", 1)[0] for b in bad[:-1][:5])
+                    msg += f" ({len(bad)} malformed rows, more than maxBadRows={max_bad_rows}; also {earlier})"
+                raise MalformedDatasetError(msg)
+            continue
+        ex.source = where
+        yield ex
+
+
 def read_jsonl(path: Path, fmt: str, *, name: str | None = None, uri: str = "", max_bad_rows: int = 0) -> DatasetFile:
     """Parse a JSONL file. A malformed row fails with ``name:line: problem`` once more than
     ``max_bad_rows`` rows are malformed; tolerated ones are skipped and counted."""
     name = name or path.name
     h = hashlib.sha256()
-    examples: list[Example] = []
     bad: list[str] = []
     size = 0
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            h.update(raw)
-            size += len(raw)
-            line = raw.strip()
-            if not line:
-                continue
-            where = f"{name}:{lineno}"
-            try:
-                obj = json.loads(line)
-                problem, ex = _row_problem(obj, fmt)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                problem, ex = f"invalid JSON: {getattr(e, 'msg', e)}", None
-            if problem is not None or ex is None:
-                bad.append(f"{where}: {problem}")
-                if len(bad) > max_bad_rows:
-                    msg = bad[-1]
-                    if max_bad_rows:
-                        earlier = ", ".join(b.split(": ", 1)[0] for b in bad[:-1][:5])
-                        msg += f" ({len(bad)} malformed rows, more than maxBadRows={max_bad_rows}; also {earlier})"
-                    raise MalformedDatasetError(msg)
-                continue
-            ex.source = where
-            examples.append(ex)
+
+        def hashed() -> Iterator[bytes]:
+            nonlocal size
+            for raw in f:
+                h.update(raw)
+                size += len(raw)
+                yield raw
+
+        examples = list(_rows(hashed(), fmt, name, max_bad_rows, bad))
     if bad:
         log.warning(kv("Skipped malformed rows", file=name, count=len(bad), first=bad[0]))
     if not examples:
         raise MalformedDatasetError(f"{name}: no usable rows")
     return DatasetFile(name, uri, h.hexdigest(), size, examples, bad)
+
+
+def validate_jsonl(path: Path, fmt: str, *, name: str | None = None, start: int = 0, end: int | None = None) -> int:
+    """Check every row of a JSONL file as :func:`read_jsonl` does (no malformed row tolerated), one row at a
+    time without keeping them; the number of rows. ``start``/``end`` limit the check to that byte range of
+    ``path`` (line numbers count from ``start``). MalformedDatasetError names ``name:line`` of the first bad row."""
+    name = name or path.name
+    rows = 0
+    with path.open("rb") as f:
+        f.seek(start)
+
+        def lines() -> Iterator[bytes]:
+            remaining = None if end is None else end - start
+            while remaining is None or remaining > 0:
+                raw = f.readline() if remaining is None else f.readline(remaining)
+                if not raw:
+                    return
+                if remaining is not None:
+                    remaining -= len(raw)
+                yield raw
+
+        for _ in _rows(lines(), fmt, name, 0, []):
+            rows += 1
+    if not rows:
+        raise MalformedDatasetError(f"{name}: no usable rows")
+    return rows
 
 
 def split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

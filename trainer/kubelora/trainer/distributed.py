@@ -1,8 +1,10 @@
 """Launch the trainer with one process per GPU, on one pod or across the pods of an Indexed Job.
 
 No torch at import time: the operator builds the pod command with :func:`pod_command`, and a pod runs
-``python -m kubelora.trainer.distributed ... -- <trainer args>``, which execs PyTorch's own launcher
-(``python -m torch.distributed.run``, i.e. torchrun) with the argv of :func:`torchrun_argv`:
+``python -m kubelora.trainer.distributed ... -- <trainer args>``, which runs PyTorch's own launcher
+(``python -m torch.distributed.run``, i.e. torchrun) with the argv of :func:`torchrun_argv` as its child, passes
+SIGTERM on to it, and exits with the code the pod's workers agreed on (:func:`run_torchrun`; torchrun alone exits
+1 for any failure):
 
 - one pod, several GPUs: ``--standalone`` (a c10d rendezvous on loopback) and ``--nproc-per-node`` GPUs;
 - several pods (``resources.nodes``): ``--nnodes N``, the c10d rendezvous backend at pod 0's stable
@@ -14,6 +16,11 @@ No torch at import time: the operator builds the pod command with :func:`pod_com
 ``--max-restarts 0``: a worker that dies ends its pod (no restart in place); its peers' collectives fail, so
 their pods end too, and the Job controller's retry starts a new attempt that resumes from the last checkpoint.
 
+``--shutdown-timeout``: on SIGTERM (pod deletion, preemption) torchrun passes the signal to its workers and kills
+them after this many seconds (torch's default is 30 s). The operator sets it from the pod's
+terminationGracePeriodSeconds (:func:`shutdown_timeout_for`), so the workers get the time the grace period is
+sized for: finish the step under way and upload a checkpoint.
+
 Inside the trainer, :func:`rank`, :func:`world_size` and :func:`is_main_process` read the variables torchrun
 sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); without torchrun they say rank 0 of 1.
 """
@@ -22,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 #: The port of the c10d rendezvous store that pod 0's torchrun agent serves.
 RDZV_PORT = 29400
@@ -32,6 +41,10 @@ LAUNCHER_MODULE = "kubelora.trainer.distributed"
 TRAINER_MODULE = "kubelora.trainer"
 #: The Job controller sets this in each pod of an Indexed Job: the pod's completion index, 0..nodes-1.
 INDEX_ENV = "JOB_COMPLETION_INDEX"
+#: torchrun's own default for ``--shutdown-timeout``, and the least the launcher is given.
+MIN_SHUTDOWN_TIMEOUT_SECONDS = 30
+#: What torchrun keeps of the pod's grace period for itself: the kubelet's SIGKILL comes at the grace period.
+SHUTDOWN_MARGIN_SECONDS = 10
 
 
 def launches(nodes: int, gpus: int) -> bool:
@@ -50,6 +63,12 @@ def rendezvous_host(job: str, service: str, namespace: str | None = None) -> str
     return f"{host}.{namespace}.svc" if namespace else host
 
 
+def shutdown_timeout_for(grace_period_seconds: int) -> int:
+    """torchrun's ``--shutdown-timeout`` for a pod with this terminationGracePeriodSeconds: the grace period less
+    :data:`SHUTDOWN_MARGIN_SECONDS`, and never below torchrun's default of 30 s."""
+    return max(MIN_SHUTDOWN_TIMEOUT_SECONDS, int(grace_period_seconds) - SHUTDOWN_MARGIN_SECONDS)
+
+
 def pod_command(
     *,
     nodes: int,
@@ -58,12 +77,16 @@ def pod_command(
     rdzv_host: str | None = None,
     rdzv_id: str | None = None,
     python: str = "python",
+    shutdown_timeout: int | None = None,
 ) -> list[str] | None:
-    """The container command of a training pod, or None when the image's entrypoint runs the trainer as it is."""
+    """The container command of a training pod, or None when the image's entrypoint runs the trainer as it is.
+    ``shutdown_timeout``: seconds torchrun gives its workers between SIGTERM and SIGKILL (None: torch's 30 s)."""
     if not launches(nodes, gpus):
         return None
     command = [python, "-m", LAUNCHER_MODULE, "--nnodes", str(nodes), "--nproc-per-node"]
     command.append(str(processes_per_node(gpus)))
+    if shutdown_timeout is not None:
+        command += ["--shutdown-timeout", str(_positive_timeout(shutdown_timeout))]
     if nodes > 1:
         if not rdzv_host:
             raise ValueError("A multi-node launch needs the rendezvous host (pod 0's hostname)")
@@ -71,6 +94,12 @@ def pod_command(
         if rdzv_id:
             command += ["--rdzv-id", rdzv_id]
     return [*command, "--", *trainer_args]
+
+
+def _positive_timeout(seconds: int) -> int:
+    if seconds < 1:
+        raise ValueError(f"shutdown_timeout={seconds} must be at least 1 second")
+    return int(seconds)
 
 
 def node_rank(env: Mapping[str, str] | None = None) -> int:
@@ -94,9 +123,11 @@ def torchrun_argv(
     env: Mapping[str, str] | None = None,
     python: str | None = None,
     module: str = TRAINER_MODULE,
+    shutdown_timeout: int | None = None,
 ) -> list[str]:
     """The torchrun argv for this pod, from its shape and its environment (pure). ``module`` is what each
-    process runs: the trainer, or a stand-in in tests."""
+    process runs: the trainer, or a stand-in in tests. ``shutdown_timeout``: torchrun's ``--shutdown-timeout``
+    (None: torch's default of 30 s)."""
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError(f"nnodes={nnodes} and nproc_per_node={nproc_per_node} must be at least 1")
     argv = [python or sys.executable, "-m", "torch.distributed.run"]
@@ -120,7 +151,10 @@ def torchrun_argv(
             "--rdzv-id",
             rdzv_id or "kubelora",
         ]
-    argv += ["--nproc-per-node", str(nproc_per_node), "--max-restarts", "0", "-m", module, *trainer_args]
+    argv += ["--nproc-per-node", str(nproc_per_node), "--max-restarts", "0"]
+    if shutdown_timeout is not None:
+        argv += ["--shutdown-timeout", str(_positive_timeout(shutdown_timeout))]
+    argv += ["-m", module, *trainer_args]
     return argv
 
 
@@ -166,6 +200,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--rdzv-endpoint", default=None)
     parser.add_argument("--rdzv-id", default=None)
+    parser.add_argument("--shutdown-timeout", type=int, default=None)
     parser.add_argument("--module", default=TRAINER_MODULE, help=argparse.SUPPRESS)
     return parser.parse_args(args), trainer_args
 
@@ -179,15 +214,90 @@ def main(argv: Sequence[str] | None = None) -> int:
         rdzv_endpoint=args.rdzv_endpoint,
         rdzv_id=args.rdzv_id,
         module=args.module,
+        shutdown_timeout=args.shutdown_timeout,
     )
     print(
         f"Launching torchrun nnodes={args.nnodes} node_rank={node_rank()} nproc_per_node={args.nproc_per_node} "
-        f"rdzv_endpoint={args.rdzv_endpoint or 'standalone'}",
+        f"rdzv_endpoint={args.rdzv_endpoint or 'standalone'} "
+        f"shutdown_timeout={args.shutdown_timeout or MIN_SHUTDOWN_TIMEOUT_SECONDS}",
         file=sys.stderr,
         flush=True,
     )
-    os.execv(command[0], command)  # noqa: S606 (torchrun replaces this process, as the pod command)
-    return 0  # not reached
+    return run_torchrun(command)
+
+
+#: Set by the launcher for the workers: each writes the exit code it leaves with to ``<dir>/rank-<rank>.code``.
+EXIT_CODE_DIR_ENV = "KUBELORA_EXIT_CODE_DIR"
+#: The signals the launcher passes on to torchrun (torchrun passes them to the workers).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_torchrun(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run torchrun as a child, passing on SIGTERM (the pod's), and exit with the code the pod's workers left
+    with when they agree on one: torchrun itself exits 1 for any failed worker, which would turn a
+    non-retryable error (3, the Job's podFailurePolicy fails the Job at once) into a retried one."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    codes_dir = tempfile.mkdtemp(prefix="kubelora-exit-")
+    child_env = {**(os.environ if env is None else env), EXIT_CODE_DIR_ENV: codes_dir}
+    child: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if child:
+            child[0].send_signal(signum)
+        else:  # before torchrun started: passed on as soon as it has
+            pending.append(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        # Its own session, as torchrun gives each worker: a signal to the launcher's process group (a terminal's
+        # Ctrl-C, a process-based kubelet) reaches torchrun once, through the launcher; a second SIGTERM during
+        # torchrun's graceful shutdown would cut its --shutdown-timeout short.
+        child.append(subprocess.Popen(list(command), env=child_env, start_new_session=True))
+        for signum in pending:
+            child[0].send_signal(signum)
+        returncode = child[0].wait()
+        return pod_exit_code(returncode, read_exit_codes(codes_dir))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(codes_dir, ignore_errors=True)
+
+
+def read_exit_codes(directory: str) -> dict[int, int]:
+    """The exit codes the workers recorded (:func:`record_exit_code`), by rank."""
+    codes: dict[int, int] = {}
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if name.startswith("rank-") and name.endswith(".code"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    codes[int(name[5:-5])] = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+    return codes
+
+
+def pod_exit_code(torchrun_code: int, worker_codes: Mapping[int, int]) -> int:
+    """The pod's exit code: torchrun's, unless it failed and every worker recorded the same non-zero code."""
+    if torchrun_code == 0:
+        return 0
+    agreed = set(worker_codes.values())
+    if len(agreed) == 1 and (code := next(iter(agreed))) != 0:
+        return code
+    return torchrun_code if torchrun_code > 0 else 1
+
+
+def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
+    """For the launcher (:func:`run_torchrun`): the exit code this worker leaves with."""
+    directory = (os.environ if env is None else env).get(EXIT_CODE_DIR_ENV, "")
+    if directory and os.path.isdir(directory):
+        path = os.path.join(directory, f"rank-{rank(env)}.code")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(int(code)))
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
@@ -199,8 +309,16 @@ if __name__ == "__main__":
 #: other ranks of its pod wait (a dead peer is noticed at once anyway: its connections close).
 TIMEOUT_ENV = "KUBELORA_DIST_TIMEOUT_SECONDS"
 DEFAULT_TIMEOUT_SECONDS = 7200
-#: Tests: each process writes its pid to ``<workdir>/pids/rank-<rank>.pid`` when this is set.
+#: How long the other ranks wait, after training, for rank 0 to evaluate and publish and send its exit code
+#: (:func:`agree_exit_code`). Never less than the collective timeout. A rank 0 that dies is noticed at once (its
+#: connections close); this bounds only a rank 0 that is alive but slow, or a node lost without a word.
+FINAL_TIMEOUT_ENV = "KUBELORA_DIST_FINAL_TIMEOUT_SECONDS"
+DEFAULT_FINAL_TIMEOUT_SECONDS = 24 * 3600
+#: Tests: each process writes its pid to ``<dir>/rank-<rank>.pid`` when this is set, and the exit code the ranks
+#: agreed on to ``<dir>/rank-<rank>.exit`` (:func:`agree_exit_code`).
 PID_DIR_ENV = "KUBELORA_DEBUG_PID_DIR"
+#: The gloo group of :func:`agree_exit_code` (CPU, its own timeout), made by :func:`init_process_group`.
+_final_group: Any = None
 
 
 def local_world_size(env: Mapping[str, str] | None = None) -> int:
@@ -248,7 +366,41 @@ def init_process_group(env: Mapping[str, str] | None = None) -> str | None:
     seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS, env)
     name = backend(cuda)
     dist.init_process_group(backend=name, timeout=datetime.timedelta(seconds=seconds))
+    # Every rank makes it here, at the same point (new_group is collective): a gloo group on the CPU, so the
+    # ranks that wait for rank 0's exit code during its evaluation neither spin a GPU nor hit NCCL's watchdog.
+    global _final_group
+    final_seconds = max(seconds, final_timeout_seconds(env))
+    _final_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=final_seconds))
     return name
+
+
+def final_timeout_seconds(env: Mapping[str, str] | None = None) -> int:
+    """How long the other ranks wait for rank 0's exit code after training (:data:`FINAL_TIMEOUT_ENV`)."""
+    return max(
+        _env_int(FINAL_TIMEOUT_ENV, DEFAULT_FINAL_TIMEOUT_SECONDS, env),
+        _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_SECONDS, env),
+    )
+
+
+def agree_exit_code(code: int) -> int:
+    """Rank 0's ``code`` on every rank, once every rank has it (``code`` as given in a single process).
+
+    Called by every rank once training is over: the other ranks wait here while rank 0 evaluates and publishes,
+    so no pod of a multi-node Job completes before rank 0 knows how the run ends. A retryable failure on rank 0
+    then fails every pod, and the Job's retry starts all of them again (a lone pod 0 would wait at the
+    rendezvous for peers that already completed). The barrier after the broadcast keeps rank 0 from leaving
+    (and torchrun from stopping the others with SIGTERM) before every rank has the code.
+    """
+    if not initialized():
+        return code
+    import torch.distributed as dist
+
+    box = [int(code)]
+    dist.broadcast_object_list(box, src=0, group=_final_group)
+    agreed = int(box[0])
+    _write_debug_file("exit", str(agreed))
+    dist.barrier(group=_final_group)
+    return agreed
 
 
 def barrier() -> None:
@@ -283,6 +435,8 @@ def all_gather_object(obj: object) -> list[object]:
 
 def shutdown() -> None:
     """Leave the process group (every rank, at the end), so torchrun sees clean exits."""
+    global _final_group
+    _final_group = None
     if initialized():
         import torch.distributed as dist
 
@@ -291,10 +445,14 @@ def shutdown() -> None:
 
 def write_pid_file(env: Mapping[str, str] | None = None) -> None:
     """For tests that kill one rank: ``<KUBELORA_DEBUG_PID_DIR>/rank-<rank>.pid``."""
+    _write_debug_file("pid", str(os.getpid()), env)
+
+
+def _write_debug_file(suffix: str, text: str, env: Mapping[str, str] | None = None) -> None:
     directory = (os.environ if env is None else env).get(PID_DIR_ENV, "")
     if directory:
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"rank-{rank(env)}.pid")
+        path = os.path.join(directory, f"rank-{rank(env)}.{suffix}")
         with open(path + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
+            f.write(text)
         os.replace(path + ".tmp", path)

@@ -162,7 +162,11 @@ def _callbacks(reporter: Reporter, ckpts: CheckpointStore, stop: _Stop, run_dir:
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             # Every rank has written its part (its RNG state) before rank 0 uploads the directory; no rank
-            # runs ahead before the checkpoint is complete.
+            # runs ahead before the checkpoint is complete. Only rank 0's pod's directory is uploaded: on one pod
+            # that holds every rank's RNG state, across nodes only the RNG states of pod 0's ranks (the other
+            # pods' rng_state_<rank>.pth stay in their own workdirs). On a resume those ranks find no file and
+            # keep the RNG state of a fresh start (the spec's seed; transformers logs the missing file): dropout
+            # may differ from an uninterrupted run, the data order does not (seeded samplers, below).
             distributed.barrier()
             if main:
                 step = int(state.global_step)
