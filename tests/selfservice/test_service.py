@@ -352,7 +352,11 @@ def deployed(api: Api, pool: str = "gateway", phase: str = "Ready") -> tuple[str
     assert response.status_code == 200, response.text
     job_id = response.json()["id"]
     ad = api.kube.objects[("adapterdeployments", job_id)]
-    ad["status"] = {"phase": phase, "replicas": [{"pod": "vllm-0", "state": "Loaded"}]}
+    ad["status"] = {
+        "phase": phase,
+        "replicas": [{"pod": "vllm-0", "state": "Loaded"}],
+        "conditions": [{"type": "Ready", "status": "True" if phase == "Ready" else "False"}],
+    }
     api.kube.pod_ips["vllm-0"] = "10.0.0.5"
     return str(ad["spec"]["servedName"]), ad
 

@@ -84,8 +84,10 @@ def test_status_follows_the_lorajob_phase(phase, expected):
     assert job["seed"] == 3 and job["model"] == "m" and job["organization_id"] == "team-a"
 
 
-def ad(phase: str) -> dict[str, Any]:
-    return {"spec": {"servedName": "ft/m/x"}, "status": {"phase": phase, "message": "why"}}
+def ad(phase: str, ready: bool | None = None) -> dict[str, Any]:
+    ready = phase == "Ready" if ready is None else ready
+    condition = {"type": "Ready", "status": "True" if ready else "False"}
+    return {"spec": {"servedName": "ft/m/x"}, "status": {"phase": phase, "message": "why", "conditions": [condition]}}
 
 
 def test_succeeded_waits_for_the_deployment_to_serve():
@@ -96,6 +98,9 @@ def test_succeeded_waits_for_the_deployment_to_serve():
     ready = service.job_object(CALLER, done, ad("Ready"), {"training": {"tokensPerSecond": 100.0, "seconds": 2.5}})
     assert ready["status"] == "succeeded" and ready["fine_tuned_model"] == "ft/m/x"
     assert ready["trained_tokens"] == 250 and ready["finished_at"] == ready["created_at"] + 3600
+    # Ready with Ready=False (its pods went away): not servable now, so not succeeded
+    unserved = service.job_object(CALLER, done, ad("Ready", ready=False))
+    assert unserved["status"] == "running" and unserved["fine_tuned_model"] is None
     refused = service.job_object(CALLER, done, ad("Refused"))
     assert refused["status"] == "failed" and refused["error"]["code"] == "DeploymentRefused"
 

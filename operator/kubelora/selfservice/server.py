@@ -602,7 +602,10 @@ class SelfService:
             if ad is not None:
                 ad_status = ad.get("status") or {}
                 ad_phase = ad_status.get("phase", "Pending")
-                if ad_phase == "Ready":
+                serving = any(
+                    c.get("type") == "Ready" and c.get("status") == "True" for c in ad_status.get("conditions") or []
+                )
+                if ad_phase == "Ready" and serving:  # phase Ready with Ready=False: no pod serves it right now
                     fine_tuned_model = ad["spec"]["servedName"]
                 elif ad_phase in ("Refused", "Failed", "RolledBack"):
                     state = "failed"

@@ -11,7 +11,7 @@ answers. API (JSON)::
     GET    /v1/adapters/<hex>    -> 200 one entry, or 404
     DELETE /v1/adapters/<hex>    -> 200 {"deleted": bool}
     GET    /health               -> 200 (no token: kubelet probes)
-    GET    /ready                -> 200 when every adapter of the preload file is in place, else 503 (no token)
+    GET    /ready                -> 200 once every adapter of the preload file was in place, else 503 (no token)
 
 Every ``/v1`` call needs ``Authorization: Bearer <token>``, the token in ``KUBELORA_AGENT_TOKEN``: the
 operator keeps it in a Secret (generated per AdapterDeployment for managed servers, named by
@@ -397,6 +397,12 @@ class Preloader:
         self.wanted: dict[str, tuple[str, str]] = {}
         self.last_error: str | None = None
         self._seen: bytes | None = None
+        #: Every listed adapter was in place at least once since this container started. From then on the pod
+        #: stays Ready while it catches up with a changed file: the operator rewrites the file when a rollout
+        #: completes, after every pod already serves the new version at runtime, and every pod reads the same
+        #: file at the same moment, so gating Ready on each change would take the whole Deployment out of
+        #: service at once. Readiness gates a pod's start, not its updates.
+        self.was_ready = False
         names_dir.mkdir(parents=True, exist_ok=True)
         for partial in [*(store.root / VIEWS).glob(".partial-*"), *names_dir.glob(".link-*")]:
             if partial.is_symlink():
@@ -499,7 +505,10 @@ class Preloader:
         missing = self.in_place(wanted)
         if missing:
             detail = f": {self.last_error}" if self.last_error else ""
+            if self.was_ready:
+                return True, f"serving; catching up, not in place yet: {', '.join(sorted(missing))}{detail}"
             return False, f"not in place yet: {', '.join(sorted(missing))}{detail}"
+        self.was_ready = True
         return True, f"{len(wanted)} adapter(s) in place"
 
     async def sync(self) -> bool:
