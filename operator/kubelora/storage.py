@@ -389,6 +389,19 @@ def _single_part_md5(etag: str | None) -> str | None:
     return None
 
 
+def _commit(
+    tmp: Path, dest: Path, loc: Location, got: Hashes, *, size: int | None, etag: str | None, sha256: str | None
+) -> Hashes:
+    """Move a finished download into place once it matches what was expected; otherwise drop it."""
+    try:
+        _check(loc.uri, got, size=size, etag=etag, sha256=sha256)
+    except VerificationError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(dest)
+    return got
+
+
 def _check(what: str, got: Hashes, *, size: int | None, etag: str | None, sha256: str | None) -> None:
     if size is not None and got.size != size:
         raise VerificationError(f"{what}: size {got.size} does not match the expected {size}")
@@ -464,13 +477,7 @@ class S3Store:
         except Exception as e:
             tmp.unlink(missing_ok=True)
             raise self._err("Downloading", loc, e) from e
-        try:
-            _check(loc.uri, h, size=size, etag=etag, sha256=sha256)
-        except VerificationError:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(dest)
-        return h
+        return _commit(tmp, dest, loc, h, size=size, etag=etag, sha256=sha256)
 
     def upload(self, path: Path, loc: Location, *, verify_download: bool = False, content_type: str = "") -> Hashes:
         local = file_hashes(path)
@@ -567,13 +574,7 @@ class LocalStore:
             while chunk := fi.read(CHUNK):
                 h.update(chunk)
                 fo.write(chunk)
-        try:
-            _check(loc.uri, h, size=size, etag=None, sha256=sha256)
-        except VerificationError:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(dest)
-        return h
+        return _commit(tmp, dest, loc, h, size=size, etag=None, sha256=sha256)
 
     def upload(self, path: Path, loc: Location, *, verify_download: bool = False, content_type: str = "") -> Hashes:
         dest = local_path(loc)

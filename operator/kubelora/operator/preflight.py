@@ -90,6 +90,19 @@ class Preflight:
         return self._with("warning")
 
 
+def read_secret(core: Any, namespace: str, name: str) -> dict[str, str] | None:
+    """A Secret's data, decoded, through a ``CoreV1Api``; None when it does not exist."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        secret = core.read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
 class Cluster:
     """The reads preflight needs from the API server; a fake stands in for it in unit tests."""
 
@@ -99,15 +112,7 @@ class Cluster:
         self.core = client.CoreV1Api(api_client)
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        return read_secret(self.core, namespace, name)
 
     def gpu_nodes(self, product: str) -> list[dict[str, str]]:
         """Labels of the nodes that carry this GPU product."""

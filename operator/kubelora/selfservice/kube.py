@@ -166,17 +166,9 @@ class Kube:
     # ---------------------------------------------------------------------------------------------------- objects
 
     def get_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        import base64
+        from kubelora.operator.preflight import read_secret
 
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        return read_secret(self.core, namespace, name)
 
     def get_custom(self, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
