@@ -248,8 +248,11 @@ def test_adapter_files_stay_unless_the_job_asks_for_their_deletion(operator, kub
         uid = wait_phase(kubectl, namespace, name, "Training")["metadata"]["uid"]
         for key in (f"_kubelora/{uid}/progress.json", "checkpoints/checkpoint-5/COMPLETE"):
             minio_client.put_object(bucket, f"adapters/{name}/{key}", io.BytesIO(b"{}"), 2)
-    finalizers = get(kubectl, namespace, "lorajob", "keep")["metadata"].get("finalizers") or []
-    assert finalizers == [], "a LoRAJob that keeps its files needs no finalizer"
+    kept, purged = get(kubectl, namespace, "lorajob", "keep"), get(kubectl, namespace, "lorajob", "purge")
+    assert (kept["metadata"].get("finalizers") or []) == [], "a LoRAJob that keeps its files needs no finalizer"
+    # Nor any kopf state: a change handler matching every LoRAJob made kopf PATCH each one as it appeared.
+    assert "kubelora.dev/last-handled-configuration" not in (kept["metadata"].get("annotations") or {})
+    assert "kubelora.dev/cleanup" in purged["metadata"]["finalizers"], "the control: this one has a handler"
     kubectl("delete", "lorajob", "keep", "purge", "-n", namespace, "--wait=true", "--timeout=60s")
 
     def objects(name: str) -> list[str]:

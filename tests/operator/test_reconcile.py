@@ -230,11 +230,12 @@ class FakeBatch:
     def __init__(self, status: int | None) -> None:
         self.status = status
 
-    def create_namespaced_job(self, namespace: str, body: dict[str, Any]) -> None:
+    def create_namespaced_job(self, namespace: str, body: dict[str, Any], **_: Any) -> Any:
         if self.status is not None:
             error = ApiException(status=self.status, reason="Conflict")
             error.body = json.dumps({"message": f"jobs.batch {body['metadata']['name']} failed"})
             raise error
+        return types.SimpleNamespace(drain_conn=lambda: None)  # the raw answer (_preload_content=False)
 
 
 def executor_with(status: int | None, jobs: dict[str, list[dict[str, Any]]]) -> JobExecutor:

@@ -38,7 +38,7 @@ from typing import Any
 import kopf
 
 from kubelora.api.v1alpha1 import GROUP, VERSION
-from kubelora.operator import adapterdeployments
+from kubelora.operator import adapterdeployments, persistence
 from kubelora.operator.conditions import create_event
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.lorajobs import Event
@@ -60,13 +60,7 @@ async def start_adapter_controller(settings: kopf.OperatorSettings, memo: Any, l
 
     if STANDALONE:
         # the same persistence as the full operator (handlers.py), so either can take over the objects
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubelora.dev")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="kubelora.dev", key="last-handled-configuration"
-        )
-        settings.persistence.finalizer = "kubelora.dev/cleanup"
-        settings.posting.level = logging.WARNING
-        settings.watching.server_timeout = 300
+        persistence.configure(settings)
     # A deletion waits for the object's timer to stop; kopf looks again only after this many seconds
     # (default 60), which would hold every deleted AdapterDeployment whose resync was running.
     settings.background.cancellation_polling = min(settings.background.cancellation_polling, 2)

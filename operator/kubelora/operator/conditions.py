@@ -66,4 +66,8 @@ def create_event(api_client: Any, obj: Mapping[str, Any], kind: str, type_: str,
         "lastTimestamp": timestamp,
         "count": 1,
     }
-    client.CoreV1Api(api_client).create_namespaced_event(meta["namespace"], manifest)
+    # The answer is not read: decoding it into V1Event models only costs CPU. Errors still raise.
+    response: Any = client.CoreV1Api(api_client).create_namespaced_event(
+        meta["namespace"], manifest, _preload_content=False
+    )
+    response.drain_conn()

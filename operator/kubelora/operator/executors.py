@@ -378,7 +378,9 @@ class JobExecutor:
                         ) from None
                     raise
         try:
-            self.batch.create_namespaced_job(namespace, body)
+            # The created Job comes back through the watch; decoding the answer into V1Job models is wasted CPU.
+            response: Any = self.batch.create_namespaced_job(namespace, body, _preload_content=False)
+            response.drain_conn()
         except ApiException as exc:
             if exc.status == 409:
                 jobs = self.jobs.get(lorajob.metadata.uid, []) if lorajob.metadata.uid else []

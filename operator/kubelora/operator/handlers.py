@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from kubelora import storage
 from kubelora.api.v1alpha1 import API_VERSION, GROUP, VERSION, LoRAJob
-from kubelora.operator import lorajobs, metrics, names, preflight
+from kubelora.operator import lorajobs, metrics, names, persistence, preflight
 from kubelora.operator.conditions import create_event, now, set_condition
 from kubelora.operator.config import OperatorConfig
 from kubelora.operator.executors import JobExecutor, LocalExecutor
@@ -44,14 +44,8 @@ Key = tuple[str, str]  # (namespace, name) of a LoRAJob
 async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
     from kubernetes import client, config
 
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubelora.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubelora.dev", key="last-handled-configuration"
-    )
-    settings.persistence.finalizer = "kubelora.dev/cleanup"
-    settings.posting.level = logging.WARNING
+    persistence.configure(settings)
     settings.execution.max_workers = int(os.environ.get("KUBELORA_WORKERS", "16"))
-    settings.watching.server_timeout = 300
     settings.batching.worker_limit = 1000
     if os.environ.get("KUBELORA_NAMESPACED"):
         # A namespaced operator may not list namespaces; don't spend a minute learning that.
@@ -65,7 +59,10 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = (settings.execution.max_workers or 16) + 4
     memo.api_client = client.ApiClient(configuration)
-    memo.cluster = preflight.Cluster(memo.api_client)
+    # Like the AdapterDeployments' shared reads (KUBELORA_ADAPTER_SHARED_READ_SECONDS): 0 reads every time.
+    memo.cluster = preflight.Cluster(
+        memo.api_client, float(os.environ.get("KUBELORA_SECRET_SHARED_READ_SECONDS") or 2.0)
+    )
     memo.objects = preflight.S3Objects(
         connect_timeout=memo.config.s3_connect_timeout_seconds, timeout=memo.config.s3_read_timeout_seconds
     )
@@ -82,6 +79,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     memo.workers = settings.execution.max_workers or 16
     # Reconciles block on the API and S3: they run in their own threads, never in kopf's handler pool.
     memo.pool = ThreadPoolExecutor(max_workers=memo.workers, thread_name_prefix="lorajob")
+    memo.event_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorajob-events")
     memo.queue = WorkQueue[Key](
         "lorajobs",
         functools.partial(reconcile_key, memo=memo),
@@ -129,6 +127,9 @@ async def cleanup(memo: Any, **_: Any) -> None:
     pool = getattr(memo, "pool", None)
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
+    event_pool = getattr(memo, "event_pool", None)
+    if event_pool is not None:
+        event_pool.shutdown(wait=False)  # the events already asked for still go out
     api_client = getattr(memo, "api_client", None)
     if api_client is not None:
         api_client.close()
@@ -281,6 +282,7 @@ async def remember_lorajob(event: Any, body: kopf.Body, memo: Any, **kwargs: Any
         if uid:
             memo.lorajob_keys.pop(uid, None)
         memo.queue.forget(key)
+        forget_lorajob(body, memo)
         return
     slim = _slim_lorajob(body)
     memo.lorajobs[key] = slim
@@ -387,8 +389,7 @@ def resync_one(body: dict[str, Any], memo: Any) -> dict[str, Any] | str | None:
                     status_patch["phase"],
                     status_patch.get("message", (body.get("status") or {}).get("message")),
                 )
-        for event in events:
-            post_event(memo.api_client, body, event)
+        post_events(memo, body, events)
     except ApiException as exc:
         if exc.status == 409:
             retried = _retry_on_metadata_change(body, status_patch or {}, events, memo)
@@ -427,13 +428,39 @@ def _retry_on_metadata_change(
         )
     except ApiException:
         return None
-    for event in events:
-        post_event(memo.api_client, body, event)
+    post_events(memo, body, events)
     return result if isinstance(result, dict) else None
 
 
 def post_event(api_client: Any, body: dict[str, Any], event: lorajobs.Event) -> None:
     create_event(api_client, body, "LoRAJob", event.type, event.reason, event.message)
+
+
+def post_events(memo: Any, body: dict[str, Any], events: list[lorajobs.Event]) -> None:
+    """Post a pass's events in order, off the reconcile's worker when the operator has an event pool.
+
+    The status is the record; an event only tells of it. A worker that waited for its events would take a
+    third longer per LoRAJob started, and with a thousand applied at once the queue would fall behind them.
+    """
+    if not events:
+        return
+    pool = getattr(memo, "event_pool", None)
+    if pool is None:
+        for event in events:
+            post_event(memo.api_client, body, event)
+        return
+    future = pool.submit(_post_in_order, memo.api_client, {"metadata": dict(body["metadata"])}, list(events))
+    future.add_done_callback(_log_post_failure)
+
+
+def _post_in_order(api_client: Any, body: dict[str, Any], events: list[lorajobs.Event]) -> None:
+    for event in events:
+        post_event(api_client, body, event)
+
+
+def _log_post_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("Could not post an event error=%s", str(future.exception())[:300])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -721,14 +748,22 @@ def delete_adapter_files(body: kopf.Body, memo: Any, logger: Any, **kwargs: Any)
     )
 
 
-# optional: no finalizer. A Job goes with its owner through garbage collection; a local run is a
-# development convenience, stopped when the operator sees the deletion.
-@kopf.on.delete(*LORAJOBS, optional=True)
-def forget_lorajob(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+def forget_lorajob(body: Mapping[str, Any], memo: Any) -> None:
+    """Drop what the operator keeps of a deleted LoRAJob. No finalizer: a Job goes with its owner through
+    garbage collection; a local run is a development convenience, stopped when the operator sees the deletion.
+
+    Called from the watch, not an ``on.delete`` handler: any changing handler that matches every LoRAJob makes
+    kopf PATCH each new one with its last-handled-configuration annotation, a write per LoRAJob that also
+    races the status write that starts its run (a 409, a GET and a second PATCH).
+    """
+    meta = body.get("metadata") or {}
     if isinstance(memo.executor, LocalExecutor):
-        memo.executor.cancel(_parse(body))
-        logger.info("Cancelled local run lorajob=%s", body.metadata.name)
-    key = body.metadata.get("uid") or body.metadata.name
+        try:
+            memo.executor.cancel(_parse(body))
+            log.info("Cancelled local run lorajob=%s/%s", meta.get("namespace"), meta.get("name"))
+        except ValidationError:
+            pass  # never started: a spec the model refuses fails before any run
+    key = str(meta.get("uid") or meta.get("name") or "")
     memo.progress_read_at.pop(key, None)
     memo.started_runs.discard(key)
     memo.reconciling.pop(key, None)

@@ -104,15 +104,44 @@ def read_secret(core: Any, namespace: str, name: str) -> dict[str, str] | None:
 
 
 class Cluster:
-    """The reads preflight needs from the API server; a fake stands in for it in unit tests."""
+    """The reads preflight needs from the API server; a fake stands in for it in unit tests.
 
-    def __init__(self, api_client: Any) -> None:
+    A Secret read is shared for `shared_read_seconds`: a tenant's hundred LoRAJobs that name one Secret, applied
+    together, cost one GET, not a hundred (the operator may not list or watch Secrets, so no cache is fed by a
+    watch). Concurrent reads of one Secret wait for the first. An edited or new Secret is seen within that time,
+    well inside the interval at which a LoRAJob blocked on a Secret is checked again.
+    """
+
+    def __init__(self, api_client: Any, shared_read_seconds: float = 2.0) -> None:
         from kubernetes import client
 
         self.core = client.CoreV1Api(api_client)
+        self.shared_read_seconds = shared_read_seconds
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = {}
+        self._reading: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        return read_secret(self.core, namespace, name)
+        if self.shared_read_seconds <= 0:
+            return read_secret(self.core, namespace, name)
+        key = (namespace, name)
+        with self._lock:
+            reading = self._reading.setdefault(key, threading.Lock())
+        with reading:
+            with self._lock:
+                hit = self._secrets.get(key)
+            if hit is not None and hit[0] > time.monotonic():
+                return dict(hit[1]) if hit[1] is not None else None
+            data = read_secret(self.core, namespace, name)  # an error is not kept: the next caller asks again
+            with self._lock:
+                now = time.monotonic()
+                if len(self._secrets) > 1000:
+                    expired = [k for k, (until, _) in self._secrets.items() if until <= now and k != key]
+                    for k in expired:
+                        self._secrets.pop(k, None)
+                        self._reading.pop(k, None)
+                self._secrets[key] = (now + self.shared_read_seconds, data)
+        return dict(data) if data is not None else None
 
     def gpu_nodes(self, product: str) -> list[dict[str, str]]:
         """Labels of the nodes that carry this GPU product."""
