@@ -2,16 +2,22 @@
 
 ``FakeKube`` has the methods of ``kubelora.selfservice.kube.Kube`` the API calls; tokens are ``good-<namespace>``
 (anything else is a 401), and a review is denied when its ``(verb, resource, group)`` is in ``denied``.
-``FakeS3`` is the part of ``minio.Minio`` the API uses, over a dict.
+``FakeS3`` is the part of ``minio.Minio`` the API uses, over a dict. ``EventSource`` is a model server's event
+stream that the test feeds one event at a time, and ``AsgiCall`` one request to the app whose response the test
+reads message by message (FastAPI's TestClient and httpx's ASGITransport only hand back a whole body).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import io
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
+
+import httpx
 
 from kubelora.selfservice.kube import GROUP, ApiError, Caller
 
@@ -155,3 +161,79 @@ class FakeS3:
 
     def remove_object(self, bucket: str, key: str) -> None:
         self.objects.pop((bucket, key), None)
+
+
+class EventSource(httpx.AsyncByteStream):
+    """A model server's streamed reply: the bytes the test puts in ``chunks``, each sent only once put (None: the
+    end, an exception: raised by the stream); ``closed`` is set when the reader closes it."""
+
+    def __init__(self) -> None:
+        self.chunks: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+        self.closed = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.chunks.get()) is not None:
+            if isinstance(chunk, Exception):
+                raise chunk
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+#: How long a test waits for the app or the stand-in before it fails (a deadline for a hang, never a pause).
+DEADLINE = 10
+
+
+class AsgiCall:
+    """One POST to an ASGI app, run as a task of the test's event loop, as uvicorn calls it (ASGI spec 2.3)."""
+
+    def __init__(self, app: Any, path: str, body: bytes, headers: dict[str, str]) -> None:
+        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.gone = asyncio.Event()  # set: the caller disconnects
+        self._body: bytes | None = body
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+            "client": ("127.0.0.1", 40000),
+            "server": ("testserver", 80),
+        }
+        self.task = asyncio.ensure_future(app(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self.messages.put(message)
+
+    async def next(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self.messages.get(), DEADLINE)
+
+    async def start(self) -> tuple[int, dict[str, str]]:
+        message = await self.next()
+        assert message["type"] == "http.response.start", message
+        return message["status"], {k.decode(): v.decode() for k, v in message["headers"]}
+
+    async def chunk(self) -> bytes | None:
+        """The next part of the body; None once the response is complete."""
+        message = await self.next()
+        assert message["type"] == "http.response.body", message
+        if not message.get("more_body", False):
+            assert message.get("body", b"") == b"", message
+            return None
+        return bytes(message["body"])
+
+    async def finished(self) -> None:
+        await asyncio.wait_for(self.task, DEADLINE)

@@ -1,4 +1,5 @@
-"""One client, end to end: upload → fine-tune in the trainer image → events with eval results → chat with the model.
+"""One client, end to end: upload → fine-tune in the trainer image → events with eval results → chat with the model
+(streamed too).
 
 One trained job, shared by the tests of this module: the real operator (LoRAJobs and AdapterDeployments)
 runs the trainer image in a pod of the Job it creates (podrunner plays the kubelet on the kwok GPU nodes),
@@ -243,8 +244,23 @@ def test_the_same_client_chats_with_the_fine_tuned_model(trained, devenv):
                 f"{exc}\nstatus={json.dumps(ad.get('status'), indent=1)}\napi log:\n{trained.api.log()[-3000:]}"
             ) from None
         assert reply.model == model and reply.choices
-        right += reply.choices[0].message.content.strip() == answer
+        content = reply.choices[0].message.content
+        right += content.strip() == answer
+        # The same request streamed through the API: vLLM's events, relayed as they come. At temperature 0
+        # vLLM decodes greedily, and the two requests run one after the other (never batched together), so
+        # the deltas add up to the very same answer.
+        chunks = list(
+            trained.client.chat.completions.create(
+                model=model, messages=prompt, max_tokens=4, temperature=0, stream=True
+            )
+        )
+        assert len(chunks) > 1 and all(c.model == model for c in chunks), chunks
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.strip() and streamed == content, (streamed, content)
     assert right >= 3, right
-    # A model that is not one of the namespace's is not found.
-    with pytest.raises(openai.NotFoundError):
-        trained.client.chat.completions.create(model="ft/other", messages=[{"role": "user", "content": "hi"}])
+    # A model that is not one of the namespace's is not found, streamed or not.
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError):
+            trained.client.chat.completions.create(
+                model="ft/other", messages=[{"role": "user", "content": "hi"}], stream=stream
+            )

@@ -1,15 +1,23 @@
-"""The self-service API's pure parts: multipart parsing, row validation and the job object's status."""
+"""The self-service API's pure parts: multipart parsing, row validation and the job object's status; and the
+relay of a streamed chat, event by event, with stand-ins for the model server (``fakes.EventSource``)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 
 from kubelora.selfservice.catalogue import Catalogue
 from kubelora.selfservice.kube import ApiError, Caller
-from kubelora.selfservice.server import ANN, SelfService, _multipart, _validate_jsonl
+from kubelora.selfservice.server import ANN, SelfService, _multipart, _validate_jsonl, create_app
+from tests.selfservice.fakes import DEADLINE, AsgiCall, EventSource
+from tests.selfservice.test_service import TOKEN, Api, deployed, error
 
 CALLER = Caller("system:serviceaccount:team-a:alice", "uid", (), {}, "team-a")
 
@@ -124,3 +132,164 @@ def test_estimated_finish_from_progress():
     running = lorajob("Training", progress={"step": 5, "etaSeconds": 120, "updatedAt": "2026-01-01T00:30:00Z"})
     job = SelfService(None, Catalogue()).job_object(CALLER, running, None)  # type: ignore[arg-type]
     assert job["estimated_finish"] == job["created_at"] + 1800 + 120
+
+
+# ------------------------------------------------------------------------------------------------ streamed chat
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+def delta(text: str) -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+
+
+class Streamed:
+    """The API in-process (test_service's fakes) with a served model whose upstream is an ``EventSource``."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.api = Api(tmp_path, monkeypatch)
+        self.served, _ = deployed(self.api)
+        self.requests: list[httpx.Request] = []
+        self.source: EventSource | None = None
+        self.answer: httpx.Response | None = None  # instead of the stream, when set
+        self.api.service.upstream_transport = httpx.MockTransport(self._upstream)
+
+    async def _upstream(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.answer is not None:
+            return self.answer
+        self.source = EventSource()
+        return httpx.Response(200, headers={"content-type": "text/event-stream; charset=utf-8"}, stream=self.source)
+
+    def body(self, **extra: Any) -> dict[str, Any]:
+        return {"model": self.served, "messages": [{"role": "user", "content": "hi"}], "stream": True, **extra}
+
+    def call(self, path: str = "/v1/chat/completions") -> AsgiCall:
+        headers = {**TOKEN, "content-type": "application/json"}
+        return AsgiCall(create_app(self.api.service), path, json.dumps(self.body()).encode(), headers)
+
+    async def upstream_stream(self, call: AsgiCall) -> EventSource:
+        """The upstream's stream, once the API has asked for it (the response starts only after that)."""
+        status, headers = await call.start()
+        assert status == 200 and headers["content-type"].startswith("text/event-stream"), (status, headers)
+        assert self.source is not None
+        return self.source
+
+
+@pytest.fixture
+def streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Streamed:
+    return Streamed(tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_is_relayed_event_by_event(streamed, path):
+    async def scenario() -> None:
+        call = streamed.call(path)
+        source = await streamed.upstream_stream(call)
+        # Each event reaches the caller before the model server has sent the next.
+        await source.chunks.put(sse(delta("bill")))
+        assert await call.chunk() == sse(delta("bill"))
+        await source.chunks.put(sse(delta("ing")))
+        assert await call.chunk() == sse(delta("ing"))
+        # An event split across reads is relayed whole, once its blank line has come.
+        split = sse(delta("!"))
+        await source.chunks.put(split[:10])
+        await source.chunks.put(split[10:])
+        assert await call.chunk() == split
+        await source.chunks.put(b"data: [DONE]\n\n")
+        assert await call.chunk() == b"data: [DONE]\n\n"
+        await source.chunks.put(None)
+        assert await call.chunk() is None
+        await call.finished()
+        assert source.closed.is_set()
+
+    asyncio.run(scenario())
+    [request] = streamed.requests
+    assert request.url.path == path and json.loads(request.content) == streamed.body()
+
+
+def test_a_caller_that_goes_away_closes_the_upstream_stream(streamed):
+    async def scenario() -> None:
+        call = streamed.call()
+        source = await streamed.upstream_stream(call)
+        await source.chunks.put(sse(delta("bill")))
+        assert await call.chunk() == sse(delta("bill"))
+        call.gone.set()
+        await call.finished()
+        await asyncio.wait_for(source.closed.wait(), DEADLINE)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("trouble", "code"),
+    [(sse(delta("x" * 600)), "upstream_too_large"), (httpx.ReadError("reset"), "upstream")],
+    ids=["over-the-limit", "broken-off"],
+)
+def test_a_stream_in_trouble_ends_with_an_error_event(streamed, trouble, code):
+    streamed.api.service.max_upstream_bytes = 500
+
+    async def scenario() -> list[bytes]:
+        call = streamed.call()
+        source = await streamed.upstream_stream(call)
+        await source.chunks.put(sse(delta("bill")))
+        assert await call.chunk() == sse(delta("bill"))
+        await source.chunks.put(trouble)
+        rest = []
+        while (chunk := await call.chunk()) is not None:
+            rest.append(chunk)
+        await call.finished()
+        assert source.closed.is_set()
+        return rest
+
+    events = b"".join(asyncio.run(scenario())).split(b"\n\n")
+    assert events[1:] == [b"data: [DONE]", b""], events
+    body = json.loads(events[0].removeprefix(b"data: "))
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code
+
+
+def test_an_upstream_error_before_the_stream_keeps_the_openai_shape(streamed):
+    vllm_error = {
+        "error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": None, "code": 400}
+    }
+    streamed.answer = httpx.Response(400, json=vllm_error)
+    response = streamed.api.client.post("/v1/chat/completions", json=streamed.body(), headers=TOKEN)
+    assert response.status_code == 400 and response.json() == vllm_error
+    assert response.headers["content-type"] == "application/json"
+
+
+def test_an_unreachable_model_server_is_a_502_before_the_stream(streamed):
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    streamed.api.service.upstream_transport = httpx.MockTransport(refuse)
+    response = streamed.api.client.post("/v1/chat/completions", json=streamed.body(), headers=TOKEN)
+    assert response.status_code == 502 and error(response)["code"] == "upstream"
+
+
+def test_the_openai_client_reads_the_relayed_stream(streamed):
+    events = [sse(delta("bill")), sse(delta("ing")), b"data: [DONE]\n\n"]
+
+    async def replay() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=replay())
+
+    streamed.api.service.upstream_transport = httpx.MockTransport(upstream)
+    client = openai.OpenAI(
+        base_url="http://testserver/v1", api_key=TOKEN["Authorization"].split()[1], http_client=streamed.api.client
+    )
+    stream = client.chat.completions.create(
+        model=streamed.served, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "billing"

@@ -57,7 +57,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     except config.ConfigException:
         config.load_kube_config()
     configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = (settings.execution.max_workers or 16) + 4
+    # the reconcile workers, the event pool's 4 threads, and a few for kopf's own handlers
+    configuration.connection_pool_maxsize = (settings.execution.max_workers or 16) + 8
     memo.api_client = client.ApiClient(configuration)
     # Like the AdapterDeployments' shared reads (KUBELORA_ADAPTER_SHARED_READ_SECONDS): 0 reads every time.
     memo.cluster = preflight.Cluster(
@@ -449,7 +450,11 @@ def post_events(memo: Any, body: dict[str, Any], events: list[lorajobs.Event]) -
         for event in events:
             post_event(memo.api_client, body, event)
         return
-    future = pool.submit(_post_in_order, memo.api_client, {"metadata": dict(body["metadata"])}, list(events))
+    try:
+        future = pool.submit(_post_in_order, memo.api_client, {"metadata": dict(body["metadata"])}, list(events))
+    except RuntimeError:  # the operator is stopping and the pool is shut: post them here
+        _post_in_order(memo.api_client, body, list(events))
+        return
     future.add_done_callback(_log_post_failure)
 
 
