@@ -446,16 +446,14 @@ def post_events(memo: Any, body: dict[str, Any], events: list[lorajobs.Event]) -
     if not events:
         return
     pool = getattr(memo, "event_pool", None)
-    if pool is None:
-        for event in events:
-            post_event(memo.api_client, body, event)
-        return
     try:
-        future = pool.submit(_post_in_order, memo.api_client, {"metadata": dict(body["metadata"])}, list(events))
-    except RuntimeError:  # the operator is stopping and the pool is shut: post them here
-        _post_in_order(memo.api_client, body, list(events))
-        return
-    future.add_done_callback(_log_post_failure)
+        if pool is not None:
+            future = pool.submit(_post_in_order, memo.api_client, {"metadata": dict(body["metadata"])}, list(events))
+            future.add_done_callback(_log_post_failure)
+            return
+    except RuntimeError:
+        pass  # the operator is stopping and the pool is shut: post them here
+    _post_in_order(memo.api_client, body, events)
 
 
 def _post_in_order(api_client: Any, body: dict[str, Any], events: list[lorajobs.Event]) -> None:
