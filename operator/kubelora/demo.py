@@ -286,6 +286,9 @@ class Demo:
             self.runner = podrunner.PodRunner(self.env.kubeconfig, config, namespace=NAMESPACE).start()
             started = time.monotonic()
             self.runner.wait_healthy(3, timeout=600)
+            # Healthy processes are not yet Ready pods: the rollout counts the pods the API says are Ready, so
+            # wait for the Deployment as a user would (else the rollout may complete on 2 of 3 pods).
+            self.kubectl("rollout", "status", "deployment/vllm", "-n", NAMESPACE, "--timeout=300s")
             console.print(
                 f"Three vLLM pods are up in {time.monotonic() - started:.0f}s: real vLLM (its CPU build) and the "
                 "adapter agent, each from its image, in kwok pods"

@@ -90,6 +90,27 @@ def test_a_missing_secret_is_shared_and_an_error_is_not():
     assert core.reads.count(("t1", "other")) == 2, "a failed read is asked again, never remembered"
 
 
+def test_callers_waiting_on_a_failing_read_share_its_error():
+    core = CountingCore()
+    core.fail = True
+    shared = cluster(core, seconds=30)
+    core.hold.clear()  # every reader asks while the one GET is still open
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(shared.read_secret, "t1", "creds") for _ in range(16)]
+        deadline = time.monotonic() + 10
+        while len(core.reads) < 1:
+            assert time.monotonic() < deadline, "no GET was made"
+            time.sleep(0.01)
+        core.hold.set()
+        errors = [f.exception(timeout=30) for f in futures]
+    assert all(isinstance(e, ApiException) and e.status == 500 for e in errors), errors
+    # The readers that arrived while the GET was open shared it; only stragglers that came after it failed ask again.
+    assert len(core.reads) < 16, core.reads
+    core.fail = False
+    core.secrets[("t1", "creds")] = {"accessKey": "a"}
+    assert shared.read_secret("t1", "creds") == {"accessKey": "a"}, "the error was not remembered"
+
+
 def test_zero_seconds_reads_every_time():
     core = CountingCore()
     core.secrets[("t1", "creds")] = {"accessKey": "a"}

@@ -527,6 +527,8 @@ def rollout_env(
         env = RolloutEnv(devenv, namespace, adapter_bucket, runner, operator, kubectl, images, tenant_b)
         env.apply(server_deployment(DEPLOYMENT, REPLICAS, {"app": DEPLOYMENT}, images, api_key_secret=API_KEY_SECRET))
         runner.wait_healthy(REPLICAS, timeout=240)
+        # the pods Ready in the API, not just healthy processes: rollouts count those
+        kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "-n", namespace, "--timeout=120s")
         for pod in env.pods().values():
             assert pod.ip.startswith("127."), f"pod {pod.name} got {pod.ip}, not a loopback address"
         operator.start()

@@ -73,6 +73,8 @@ def standin_env(devenv: cluster.DevEnv, tmp_path_factory: pytest.TempPathFactory
         env = RolloutEnv(devenv, namespace, "", runner, operator, kubectl, images)
         env.apply(server_deployment(DEPLOYMENT, REPLICAS, {"app": DEPLOYMENT}, images))
         runner.wait_healthy(REPLICAS, timeout=120)
+        # the pods Ready in the API, not just healthy processes: rollouts count those
+        kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "-n", namespace, "--timeout=120s")
         operator.start()
         yield env
     finally:

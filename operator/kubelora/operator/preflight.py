@@ -103,13 +103,24 @@ def read_secret(core: Any, namespace: str, name: str) -> dict[str, str] | None:
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
+class _Flight:
+    """One Secret GET in progress: the callers that arrive while it runs wait for its answer, or its error."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data: dict[str, str] | None = None
+        self.error: BaseException | None = None
+
+
 class Cluster:
     """The reads preflight needs from the API server; a fake stands in for it in unit tests.
 
     A Secret read is shared for `shared_read_seconds`: a tenant's hundred LoRAJobs that name one Secret, applied
     together, cost one GET, not a hundred (the operator may not list or watch Secrets, so no cache is fed by a
-    watch). Concurrent reads of one Secret wait for the first. An edited or new Secret is seen within that time,
-    well inside the interval at which a LoRAJob blocked on a Secret is checked again.
+    watch). Concurrent reads of one Secret share the GET in flight, its error included: under a failing API server,
+    a hundred waiting LoRAJobs cost one failed GET, not a hundred in a row. An error is never kept past its flight.
+    An edited or new Secret is seen within that time, well inside the interval at which a LoRAJob blocked on a
+    Secret is checked again.
     """
 
     def __init__(self, api_client: Any, shared_read_seconds: float = 2.0) -> None:
@@ -118,7 +129,7 @@ class Cluster:
         self.core = client.CoreV1Api(api_client)
         self.shared_read_seconds = shared_read_seconds
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = {}
-        self._reading: dict[tuple[str, str], threading.Lock] = {}
+        self._flights: dict[tuple[str, str], _Flight] = {}
         self._lock = threading.Lock()
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -126,21 +137,35 @@ class Cluster:
             return read_secret(self.core, namespace, name)
         key = (namespace, name)
         with self._lock:
-            reading = self._reading.setdefault(key, threading.Lock())
-        with reading:
-            with self._lock:
-                hit = self._secrets.get(key)
+            hit = self._secrets.get(key)
             if hit is not None and hit[0] > time.monotonic():
                 return dict(hit[1]) if hit[1] is not None else None
-            data = read_secret(self.core, namespace, name)  # an error is not kept: the next caller asks again
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return dict(flight.data) if flight.data is not None else None
+        try:
+            data = read_secret(self.core, namespace, name)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.data = data
             with self._lock:
                 now = time.monotonic()
                 if len(self._secrets) > 1000:
-                    expired = [k for k, (until, _) in self._secrets.items() if until <= now and k != key]
-                    for k in expired:
-                        self._secrets.pop(k, None)
-                        self._reading.pop(k, None)
+                    for k in [k for k, (until, _) in self._secrets.items() if until <= now]:
+                        del self._secrets[k]
                 self._secrets[key] = (now + self.shared_read_seconds, data)
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            flight.done.set()
         return dict(data) if data is not None else None
 
     def gpu_nodes(self, product: str) -> list[dict[str, str]]:
