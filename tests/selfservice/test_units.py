@@ -14,8 +14,10 @@ import openai
 import pytest
 
 from kubelora.selfservice.catalogue import Catalogue
+from kubelora.selfservice.jobs import ANN, job_object, manifests
 from kubelora.selfservice.kube import ApiError, Caller
-from kubelora.selfservice.server import ANN, SelfService, _multipart, _validate_jsonl, create_app
+from kubelora.selfservice.server import create_app
+from kubelora.selfservice.uploads import parse_multipart, validate_upload
 from tests.selfservice.fakes import DEADLINE, AsgiCall, EventSource
 from tests.selfservice.test_service import TOKEN, Api, deployed, error
 
@@ -36,7 +38,7 @@ def body(tmp_path: Path, parts: list[tuple[str, str | None, bytes]], boundary: s
 def test_multipart_finds_fields_and_the_file_part(tmp_path):
     content = b'{"a": 1}\r\n--xy not the boundary\n'
     path = body(tmp_path, [("purpose", None, b"fine-tune"), ("file", "t.jsonl", content)])
-    fields, part = _multipart(path, "multipart/form-data; boundary=xyz")
+    fields, part = parse_multipart(path, "multipart/form-data; boundary=xyz")
     assert fields == {"purpose": "fine-tune"}
     assert part is not None and part[0] == "t.jsonl"
     assert path.read_bytes()[part[1] : part[2]] == content
@@ -46,7 +48,7 @@ def test_multipart_finds_fields_and_the_file_part(tmp_path):
 def test_multipart_refuses_other_bodies(tmp_path, content_type):
     path = body(tmp_path, [("purpose", None, b"fine-tune")])
     with pytest.raises(ApiError) as refused:
-        _multipart(path, content_type)
+        parse_multipart(path, content_type)
     assert refused.value.status == 400
 
 
@@ -56,7 +58,7 @@ def test_rows_are_checked_by_the_trainers_parser(tmp_path):
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"x": 1}\n'
     )
     with pytest.raises(ApiError) as refused:
-        _validate_jsonl(path, "mine.jsonl", "chat")
+        validate_upload(path, "mine.jsonl", "chat")
     assert refused.value.status == 400 and refused.value.message.startswith("Invalid training file: mine.jsonl:2:")
     assert refused.value.body()["error"]["param"] == "file"
 
@@ -87,7 +89,7 @@ def lorajob(phase: str | None, **status: Any) -> dict[str, Any]:
     ],
 )
 def test_status_follows_the_lorajob_phase(phase, expected):
-    job = SelfService(None, Catalogue()).job_object(CALLER, lorajob(phase), None)  # type: ignore[arg-type]
+    job = job_object(CALLER.namespace, lorajob(phase), None)
     assert job["status"] == expected
     assert job["seed"] == 3 and job["model"] == "m" and job["organization_id"] == "team-a"
 
@@ -99,38 +101,36 @@ def ad(phase: str, ready: bool | None = None) -> dict[str, Any]:
 
 
 def test_succeeded_waits_for_the_deployment_to_serve():
-    service = SelfService(None, Catalogue())  # type: ignore[arg-type]
     done = lorajob("Succeeded", completionTime="2026-01-01T01:00:00Z")
-    loading = service.job_object(CALLER, done, ad("Loading"))
+    loading = job_object(CALLER.namespace, done, ad("Loading"))
     assert loading["status"] == "running" and loading["fine_tuned_model"] is None and loading["finished_at"] is None
-    ready = service.job_object(CALLER, done, ad("Ready"), {"training": {"tokensPerSecond": 100.0, "seconds": 2.5}})
+    ready = job_object(CALLER.namespace, done, ad("Ready"), {"training": {"tokensPerSecond": 100.0, "seconds": 2.5}})
     assert ready["status"] == "succeeded" and ready["fine_tuned_model"] == "ft/m/x"
     assert ready["trained_tokens"] == 250 and ready["finished_at"] == ready["created_at"] + 3600
     # Ready with Ready=False (its pods went away): not servable now, so not succeeded
-    unserved = service.job_object(CALLER, done, ad("Ready", ready=False))
+    unserved = job_object(CALLER.namespace, done, ad("Ready", ready=False))
     assert unserved["status"] == "running" and unserved["fine_tuned_model"] is None
-    refused = service.job_object(CALLER, done, ad("Refused"))
+    refused = job_object(CALLER.namespace, done, ad("Refused"))
     assert refused["status"] == "failed" and refused["error"]["code"] == "DeploymentRefused"
 
 
 def test_failed_and_cancelled_jobs():
-    service = SelfService(None, Catalogue())  # type: ignore[arg-type]
     failed = lorajob(
         "Failed",
         message="bad.jsonl:3: missing",
         conditions=[{"type": "Ready", "status": "False", "reason": "MalformedDataset"}],
     )
-    job = service.job_object(CALLER, failed, None)
+    job = job_object(CALLER.namespace, failed, None)
     assert job["error"] == {"code": "MalformedDataset", "message": "bad.jsonl:3: missing", "param": None}
     failed["metadata"]["annotations"][ANN + "cancelled-at"] = "2026-01-01T00:10:00Z"
-    cancelled = service.job_object(CALLER, failed, None)
+    cancelled = job_object(CALLER.namespace, failed, None)
     assert cancelled["status"] == "cancelled" and cancelled["error"] is None
     assert cancelled["finished_at"] == cancelled["created_at"] + 600
 
 
 def test_estimated_finish_from_progress():
     running = lorajob("Training", progress={"step": 5, "etaSeconds": 120, "updatedAt": "2026-01-01T00:30:00Z"})
-    job = SelfService(None, Catalogue()).job_object(CALLER, running, None)  # type: ignore[arg-type]
+    job = job_object(CALLER.namespace, running, None)
     assert job["estimated_finish"] == job["created_at"] + 1800 + 120
 
 
@@ -293,3 +293,60 @@ def test_the_openai_client_reads_the_relayed_stream(streamed):
         model=streamed.served, messages=[{"role": "user", "content": "hi"}], stream=True
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "billing"
+
+
+class Storage:
+    secret_name = "ft-storage"
+
+    def uri(self, *parts: str) -> str:
+        return "s3://tenant/p/" + "".join(parts)
+
+
+POOL_TARGET = {"deploymentName": "vllm", "baseModel": "s3://b/base", "agentTokenSecretRef": {"name": "agent"}}
+
+
+def test_a_create_request_maps_to_a_lorajob_and_its_deployment_without_io():
+    catalogue = Catalogue.model_validate(
+        {
+            "models": {"tiny": {"uri": "s3://b/base/", "gpus": 2, "training": {"maxSteps": 10, "learningRate": 1e-4}}},
+            "servingPools": {"pods": {"target": POOL_TARGET}},
+        }
+    )
+    body = {
+        "model": "tiny",
+        "training_file": "file-a",
+        "validation_file": "file-b",
+        "suffix": "tickets",
+        "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5},
+        "kubelora": {"serving_pool": "pods", "rank": 8, "gates": [{"metric": "exact_match", "min": 0.5}]},
+    }
+    lorajob, ad = manifests(catalogue, Storage(), body, "ftjob-abc")
+    spec = lorajob["spec"]
+    assert spec["training"] == {"epochs": 2, "batchSize": 4, "learningRate": 5e-5}, "maxSteps gives way to epochs"
+    assert spec["dataset"]["train"] == "s3://tenant/p/files/file-a.jsonl"
+    assert spec["eval"]["testSet"] == spec["dataset"]["validation"] == "s3://tenant/p/files/file-b.jsonl"
+    assert spec["eval"]["gates"] == [{"metric": "exact_match", "min": 0.5}]
+    assert spec["output"]["uri"] == "s3://tenant/p/jobs/ftjob-abc/"
+    assert (spec["lora"]["rank"], spec["resources"]["gpus"]) == (8, 2)
+    assert ad is not None and ad["spec"]["servedName"] == "ft/tiny/tickets-abc"
+    assert ad["spec"]["adapter"] == {"loraJob": "ftjob-abc"} and ad["spec"]["target"] == POOL_TARGET
+    assert "ownerReferences" not in ad["metadata"], "the owner is added once the LoRAJob exists"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"kubelora": {"serving_pool": "nope"}}, "kubelora.serving_pool"),
+        ({"kubelora": {"method": "dora", "serving_pool": "pods"}}, "kubelora.serving_pool"),
+        ({"kubelora": {"gates": []}}, "kubelora.gates"),
+        ({"suffix": "no spaces"}, "suffix"),
+        ({"metadata": {"k": 1}}, "metadata"),
+    ],
+)
+def test_a_bad_create_request_names_its_parameter(extra, param):
+    catalogue = Catalogue.model_validate(
+        {"models": {"tiny": {"uri": "s3://b/base/", "gpus": 1}}, "servingPools": {"pods": {"target": POOL_TARGET}}}
+    )
+    with pytest.raises(ApiError) as refused:
+        manifests(catalogue, Storage(), {"model": "tiny", "training_file": "file-a", **extra}, "ftjob-abc")
+    assert refused.value.status == 400 and refused.value.body()["error"]["param"] == param

@@ -39,8 +39,8 @@ import kopf
 
 from kubelora.api.v1alpha1 import GROUP, VERSION
 from kubelora.operator import adapterdeployments, persistence
-from kubelora.operator.conditions import create_event
 from kubelora.operator.config import OperatorConfig
+from kubelora.operator.events import EventPoster
 from kubelora.operator.lorajobs import Event
 from kubelora.operator.server_pods import selector_matches
 from kubelora.operator.workqueue import WorkQueue
@@ -81,7 +81,7 @@ async def start_adapter_controller(settings: kopf.OperatorSettings, memo: Any, l
         adapterdeployments.KubeApi(api_client), memo.http, config, runtime_settings
     )
     memo.adapter_api_client = api_client
-    _EVENTS_API["client"] = api_client
+    _EVENTS_API["poster"] = EventPoster(api_client, "AdapterDeployment")
     memo.lorajob_seen = {}
     memo.ad_seen = {}  # (namespace, name) -> (uid, generation): what the queue was last asked for
     memo.pod_seen = {}  # pod uid -> readiness fingerprint
@@ -127,26 +127,19 @@ async def stop_adapter_controller(memo: Any, **_: Any) -> None:
     http = getattr(memo, "http", None)
     if http is not None:
         await http.close()
+    poster = _EVENTS_API.pop("poster", None)
+    if poster is not None:
+        poster.shutdown()
     if getattr(memo, "adapter_owns_api_client", False):
         memo.adapter_api_client.close()
 
 
 def _post(obj: Mapping[str, Any], event: Event) -> None:
-    """Post an Event about an AdapterDeployment without blocking the loop (the queue's workers run outside
-    kopf's handlers, where kopf's own event poster is not available)."""
-    api_client = _EVENTS_API.get("client")
-    if api_client is None:
-        return
-    body = {"metadata": dict(obj["metadata"])}
-    future = asyncio.get_running_loop().run_in_executor(
-        None, create_event, api_client, body, "AdapterDeployment", event.type, event.reason, event.message
-    )
-    future.add_done_callback(_log_post_failure)
-
-
-def _log_post_failure(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logging.getLogger("kubelora.adapterdeployment").warning("Could not post an event error=%s", future.exception())
+    """Post an Event about an AdapterDeployment without blocking the loop, in order with its others (the queue's
+    workers run outside kopf's handlers, where kopf's own event poster is not available)."""
+    poster = _EVENTS_API.get("poster")
+    if poster is not None:
+        poster.post(obj, [event])
 
 
 _EVENTS_API: dict[str, Any] = {}

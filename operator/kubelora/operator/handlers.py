@@ -22,8 +22,9 @@ from pydantic import ValidationError
 from kubelora import storage
 from kubelora.api.v1alpha1 import API_VERSION, GROUP, VERSION, LoRAJob
 from kubelora.operator import lorajobs, metrics, names, persistence, preflight
-from kubelora.operator.conditions import create_event, now, set_condition
+from kubelora.operator.conditions import now, set_condition
 from kubelora.operator.config import OperatorConfig
+from kubelora.operator.events import EventPoster
 from kubelora.operator.executors import JobExecutor, LocalExecutor
 from kubelora.operator.jobspec import LORAJOB_LABEL
 from kubelora.operator.workqueue import WorkQueue
@@ -80,7 +81,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: 
     memo.workers = settings.execution.max_workers or 16
     # Reconciles block on the API and S3: they run in their own threads, never in kopf's handler pool.
     memo.pool = ThreadPoolExecutor(max_workers=memo.workers, thread_name_prefix="lorajob")
-    memo.event_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorajob-events")
+    memo.event_poster = EventPoster(memo.api_client, "LoRAJob")
     memo.queue = WorkQueue[Key](
         "lorajobs",
         functools.partial(reconcile_key, memo=memo),
@@ -128,9 +129,9 @@ async def cleanup(memo: Any, **_: Any) -> None:
     pool = getattr(memo, "pool", None)
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
-    event_pool = getattr(memo, "event_pool", None)
-    if event_pool is not None:
-        event_pool.shutdown(wait=False)  # the events already asked for still go out
+    event_poster = getattr(memo, "event_poster", None)
+    if event_poster is not None:
+        event_poster.shutdown()  # the events already asked for still go out
     api_client = getattr(memo, "api_client", None)
     if api_client is not None:
         api_client.close()
@@ -433,37 +434,12 @@ def _retry_on_metadata_change(
     return result if isinstance(result, dict) else None
 
 
-def post_event(api_client: Any, body: dict[str, Any], event: lorajobs.Event) -> None:
-    create_event(api_client, body, "LoRAJob", event.type, event.reason, event.message)
-
-
 def post_events(memo: Any, body: dict[str, Any], events: list[lorajobs.Event]) -> None:
-    """Post a pass's events in order, off the reconcile's worker when the operator has an event pool.
-
-    The status is the record; an event only tells of it. A worker that waited for its events would take a
-    third longer per LoRAJob started, and with a thousand applied at once the queue would fall behind them.
-    """
-    if not events:
-        return
-    pool = getattr(memo, "event_pool", None)
-    try:
-        if pool is not None:
-            future = pool.submit(_post_in_order, memo.api_client, {"metadata": dict(body["metadata"])}, list(events))
-            future.add_done_callback(_log_post_failure)
-            return
-    except RuntimeError:
-        pass  # the operator is stopping and the pool is shut: post them here
-    _post_in_order(memo.api_client, body, events)
-
-
-def _post_in_order(api_client: Any, body: dict[str, Any], events: list[lorajobs.Event]) -> None:
-    for event in events:
-        post_event(api_client, body, event)
-
-
-def _log_post_failure(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("Could not post an event error=%s", str(future.exception())[:300])
+    """Post a pass's events about a LoRAJob, in order, off the reconcile's worker (:mod:`.events`)."""
+    poster = getattr(memo, "event_poster", None)
+    if poster is None:
+        poster = EventPoster(memo.api_client, "LoRAJob", lanes=0)  # no lanes: inline
+    poster.post(body, events)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -58,22 +58,53 @@ API_REQUESTS = Counter(
 )
 
 
-def instrument_api_clients() -> None:
-    """Count every request kopf (aiohttp) and the kubernetes client (urllib3) send; for benchmarks."""
+def api_server_address() -> tuple[str, int] | None:
+    """The API server's host and port, as the kubernetes client is configured (in-cluster, else kubeconfig)."""
+    from urllib.parse import urlsplit
+
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        try:
+            config.load_kube_config(client_configuration=configuration)
+        except Exception:
+            return None
+    url = urlsplit(configuration.host)
+    if url.hostname is None:
+        return None
+    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+
+
+def instrument_api_clients(address: tuple[str, int] | None = None) -> None:
+    """Count every request kopf (aiohttp) and the kubernetes client (urllib3) send to the API server at
+    ``address`` (default: as configured); for benchmarks. The same libraries' requests elsewhere (S3 through
+    urllib3, the vLLM pods and their agents through aiohttp) are not API requests and are not counted."""
     import aiohttp
     import urllib3
+    from yarl import URL
+
+    api = address or api_server_address()
+
+    def to_api(host: str | None, port: int | None) -> bool:
+        return api is None or (host, port) == api
 
     original_request = aiohttp.ClientSession._request
 
-    async def counted_request(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-        API_REQUESTS.labels(client="kopf", method=method.upper()).inc()
-        return await original_request(self, method, *args, **kwargs)
+    async def counted_request(self: Any, method: str, str_or_url: Any, *args: Any, **kwargs: Any) -> Any:
+        url = URL(str(str_or_url))
+        if to_api(url.host, url.port):
+            API_REQUESTS.labels(client="kopf", method=method.upper()).inc()
+        return await original_request(self, method, str_or_url, *args, **kwargs)
 
     aiohttp.ClientSession._request = counted_request  # type: ignore[method-assign]
     original_urlopen = urllib3.connectionpool.HTTPConnectionPool.urlopen
 
     def counted_urlopen(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-        API_REQUESTS.labels(client="kubernetes", method=method.upper()).inc()
+        if to_api(self.host, self.port):
+            API_REQUESTS.labels(client="kubernetes", method=method.upper()).inc()
         return original_urlopen(self, method, *args, **kwargs)
 
     urllib3.connectionpool.HTTPConnectionPool.urlopen = counted_urlopen  # type: ignore[method-assign]
