@@ -29,8 +29,8 @@ class EventLike(Protocol):
 class EventPoster:
     """Posts core Events about objects of one ``kind`` through ``lanes`` single-thread executors.
 
-    With no lanes, or after :meth:`shutdown`, events are posted inline by the caller (the operator is stopping, and what it says
-    last is still worth saying).
+    With no lanes, or after :meth:`shutdown`, events are posted inline by the caller (the operator is stopping,
+    and what it says last is still worth saying).
     """
 
     def __init__(self, api_client: Any, kind: str, lanes: int = 4) -> None:

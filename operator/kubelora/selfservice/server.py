@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -40,9 +40,6 @@ from kubelora.selfservice.uploads import (
     too_large,
     validate_upload,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +234,7 @@ class SelfService:
         validation_file = body.get("validation_file")
         if validation_file is not None:
             self.file_meta(tenant, str(validation_file), "validation_file")
-        name = jobs.new_id("ftjob")
+        name = new_id("ftjob")
         manifest, ad_manifest = jobs.manifests(self.catalogue, tenant, body, name)
         if ad_manifest is not None:
             self.kube.authorize(caller, "create", "adapterdeployments")
